@@ -1,0 +1,48 @@
+# gpubox: build, install, test.  `make install` honours DESTDIR and PREFIX.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib
+DOCDIR ?= $(PREFIX)/share/doc/gpubox
+SYSTEMUNITDIR ?= $(LIBDIR)/systemd/system
+GENERATORDIR ?= $(LIBDIR)/systemd/system-generators
+UDEVRULESDIR ?= $(LIBDIR)/udev/rules.d
+DEFINITIONSDIR ?= /etc/gpubox
+CARGO ?= cargo
+TARGET_DIR ?= target
+
+BINARIES = gpubox-supervisor gpuboxctl gpubox-generator
+DOCS = README.md $(wildcard docs/*.md)
+
+.PHONY: all build install uninstall check test demo bench vm-shell clean
+
+all: build
+
+build:
+	GPUBOX_SYSTEMUNITDIR=$(SYSTEMUNITDIR) $(CARGO) build --release --locked
+
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(GENERATORDIR) $(DESTDIR)$(SYSTEMUNITDIR) \
+		$(DESTDIR)$(UDEVRULESDIR) $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DEFINITIONSDIR)
+	install -m 0755 $(TARGET_DIR)/release/gpubox-supervisor $(TARGET_DIR)/release/gpuboxctl $(DESTDIR)$(BINDIR)/
+	install -m 0755 $(TARGET_DIR)/release/gpubox-generator $(DESTDIR)$(GENERATORDIR)/
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' units/gpu@.service \
+		> $(DESTDIR)$(SYSTEMUNITDIR)/gpu@.service
+	chmod 0644 $(DESTDIR)$(SYSTEMUNITDIR)/gpu@.service
+	install -m 0644 udev-rules/*.rules $(DESTDIR)$(UDEVRULESDIR)/
+	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+	install -m 0644 examples/*.gpubox $(DESTDIR)$(DOCDIR)/examples/
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,gpubox-supervisor gpuboxctl)
+	rm -f $(DESTDIR)$(GENERATORDIR)/gpubox-generator
+	rm -f $(DESTDIR)$(SYSTEMUNITDIR)/gpu@.service
+	rm -f $(addprefix $(DESTDIR)$(UDEVRULESDIR)/,$(notdir $(wildcard udev-rules/*.rules)))
+	rm -rf $(DESTDIR)$(DOCDIR)
+	@echo "Definitions in $(DESTDIR)$(DEFINITIONSDIR) are yours and were left in place."
+
+# Every test: unit, golden files, systemd-analyze verify, privileged (as root), VM system tests.
+check test:
+	tests/run-all
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,17 @@
+//! The `.gpubox` definition format: systemd-style INI files in search paths, with drop-ins,
+//! turned into a typed [`Definition`]. Every error names the file and, where it can, the line,
+//! section and key.
+
+mod error;
+mod load;
+mod model;
+pub mod selector;
+pub mod syntax;
+pub mod words;
+
+pub use error::Error;
+pub use load::{check_name, SearchPath, Sources, DEFAULT_PATHS, PATH_VARIABLE, SUFFIX};
+pub use model::{
+    Bind, Container, Definition, Gpu, Install, Network, PassThrough, Seccomp, User, UserNamespace, KNOWN_CAPABILITIES,
+};
+pub use selector::{PciAddress, Selector};

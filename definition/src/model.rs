@@ -1,0 +1,497 @@
+//! The typed definition: what each key means, its default, and how repeated and empty
+//! assignments combine (systemd's rules: lists append, an empty value resets; a single-valued
+//! key set twice in one file is a mistake, while a later drop-in overrides it).
+
+use crate::selector::Selector;
+use crate::syntax::Assignment;
+use crate::words::{self, Specifiers};
+use crate::Error;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// A container definition, merged from its file and drop-ins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Definition {
+    pub name: String,
+    /// The main file, then the drop-ins in the order they were applied.
+    pub sources: Vec<PathBuf>,
+    pub container: Container,
+    pub gpu: Gpu,
+    /// `[Unit]` lines, passed to the unit as written (systemd expands their specifiers).
+    pub unit: Vec<PassThrough>,
+    /// `[Service]` lines, passed to the unit as written.
+    pub service: Vec<PassThrough>,
+    pub install: Install,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassThrough {
+    pub key: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Install {
+    pub wanted_by: Vec<String>,
+    pub required_by: Vec<String>,
+    pub upheld_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Container {
+    /// `None`: the host's `/`, read-only.
+    pub root_directory: Option<PathBuf>,
+    pub exec: Vec<String>,
+    pub working_directory: Option<PathBuf>,
+    pub environment: Vec<(String, String)>,
+    pub user: Option<User>,
+    pub hostname: String,
+    pub user_namespace: UserNamespace,
+    pub network: Network,
+    pub read_only: bool,
+    pub binds: Vec<Bind>,
+    pub add_capabilities: Vec<String>,
+    /// `ALL` stands for every capability.
+    pub drop_capabilities: Vec<String>,
+    pub seccomp: Seccomp,
+    pub no_new_privileges: bool,
+    pub init: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserNamespace {
+    /// Container root is an unprivileged range of host ids.
+    Private,
+    /// No user namespace: container root is host root (with the bounding set still reduced).
+    Host,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// A new network namespace with only loopback, up.
+    None,
+    Host,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seccomp {
+    Default,
+    Unconfined,
+    /// An OCI/Docker JSON profile.
+    Profile(PathBuf),
+}
+
+/// `User=`: a name looked up in the container's `/etc/passwd`, or numeric ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum User {
+    Name(String),
+    Id { uid: u32, gid: Option<u32> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub destination: PathBuf,
+    pub read_only: bool,
+    /// `-SRC`: skip the bind when the source does not exist.
+    pub optional: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gpu {
+    pub devices: Vec<Selector>,
+    /// A selector that matches nothing at start is not an error.
+    pub optional: bool,
+    pub hotplug: bool,
+    pub driver_libraries: bool,
+}
+
+impl Container {
+    fn new(name: &str) -> Self {
+        Container {
+            root_directory: None,
+            exec: Vec::new(),
+            working_directory: None,
+            environment: Vec::new(),
+            user: None,
+            hostname: name.to_owned(),
+            user_namespace: UserNamespace::Private,
+            network: Network::None,
+            read_only: false,
+            binds: Vec::new(),
+            add_capabilities: Vec::new(),
+            drop_capabilities: Vec::new(),
+            seccomp: Seccomp::Default,
+            no_new_privileges: true,
+            init: false,
+        }
+    }
+}
+
+/// `[Service]` keys that would break the supervisor's contract with systemd.
+const MANAGED_SERVICE_KEYS: &[(&str, &str)] = &[
+    ("ExecStart", "use [Container] Exec="),
+    ("Type", "the supervisor notifies systemd itself"),
+    ("Delegate", "the supervisor needs its delegated cgroup"),
+    ("DevicePolicy", "gpubox grants devices through [GPU] Device="),
+    ("DeviceAllow", "use [GPU] Device="),
+    ("KillMode", "the supervisor stops its container itself"),
+    ("NotifyAccess", "the supervisor notifies systemd itself"),
+    ("User", "use [Container] User="),
+    ("Group", "use [Container] User="),
+    ("DynamicUser", "use [Container] UserNamespace="),
+    ("RootDirectory", "use [Container] RootDirectory="),
+    ("RootImage", "use [Container] RootDirectory="),
+    ("PrivateUsers", "use [Container] UserNamespace="),
+    ("PrivateDevices", "use [GPU] Device="),
+];
+
+pub(crate) fn build(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> Result<Definition, Error> {
+    let specifiers = Specifiers { instance: name };
+    let mut d = Definition {
+        name: name.to_owned(),
+        sources: files.iter().map(|(p, _)| p.clone()).collect(),
+        container: Container::new(name),
+        gpu: Gpu::default(),
+        unit: Vec::new(),
+        service: Vec::new(),
+        install: Install::default(),
+    };
+    let mut exec_at: Option<(PathBuf, usize)> = None;
+
+    for (path, assignments) in files {
+        let mut seen = HashSet::new();
+        for a in assignments {
+            let k = Key { path, a, specifiers: &specifiers };
+            if is_single_valued(&a.section, &a.key) && !seen.insert((a.section.as_str(), a.key.as_str())) {
+                return Err(k.error("set more than once in this file (it takes one value; later drop-ins may override it)"));
+            }
+            apply(&mut d, &k)?;
+            if (a.section.as_str(), a.key.as_str()) == ("Container", "Exec") {
+                exec_at = Some((path.clone(), a.line));
+            }
+        }
+    }
+
+    if d.container.exec.is_empty() {
+        let path = files.first().map(|(p, _)| p.clone()).unwrap_or_default();
+        return Err(match exec_at {
+            Some((path, line)) => Error::Key {
+                path,
+                line,
+                section: "Container".into(),
+                key: "Exec".into(),
+                message: "the command is empty".into(),
+            },
+            None => Error::Definition { path, message: "[Container] Exec= is missing: say what the container runs".into() },
+        });
+    }
+    Ok(d)
+}
+
+fn is_single_valued(section: &str, key: &str) -> bool {
+    matches!(
+        (section, key),
+        (
+            "Container",
+            "RootDirectory"
+                | "Exec"
+                | "WorkingDirectory"
+                | "User"
+                | "Hostname"
+                | "UserNamespace"
+                | "Network"
+                | "ReadOnly"
+                | "Seccomp"
+                | "NoNewPrivileges"
+                | "Init"
+        ) | ("GPU", "Optional" | "Hotplug" | "DriverLibraries")
+    )
+}
+
+/// One assignment being applied, with what its errors need to say.
+struct Key<'a> {
+    path: &'a Path,
+    a: &'a Assignment,
+    specifiers: &'a Specifiers<'a>,
+}
+
+impl Key<'_> {
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::Key {
+            path: self.path.to_owned(),
+            line: self.a.line,
+            section: self.a.section.clone(),
+            key: self.a.key.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn value(&self) -> &str {
+        &self.a.value
+    }
+
+    /// The value as words, unquoted, with specifiers expanded.
+    fn words(&self) -> Result<Vec<String>, Error> {
+        let words = words::split(self.value()).map_err(|e| self.error(e))?;
+        words.iter().map(|w| self.specifiers.expand(w).map_err(|e| self.error(e))).collect()
+    }
+
+    /// The value as exactly one word.
+    fn word(&self) -> Result<String, Error> {
+        match &self.words()?[..] {
+            [w] => Ok(w.clone()),
+            _ => Err(self.error(format!("expected one value, found '{}'", self.value()))),
+        }
+    }
+
+    fn boolean(&self) -> Result<bool, Error> {
+        match self.value().to_ascii_lowercase().as_str() {
+            "1" | "yes" | "y" | "true" | "t" | "on" => Ok(true),
+            "0" | "no" | "n" | "false" | "f" | "off" => Ok(false),
+            _ => Err(self.error(format!("expected a boolean (yes/no, true/false, on/off, 1/0), found '{}'", self.value()))),
+        }
+    }
+
+    fn absolute_path(&self, word: &str) -> Result<PathBuf, Error> {
+        let p = Path::new(word);
+        if !p.is_absolute() {
+            return Err(self.error(format!("'{word}' is not an absolute path")));
+        }
+        if p.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(self.error(format!("'{word}' contains '..'")));
+        }
+        Ok(p.to_owned())
+    }
+
+    fn choice<T: Copy>(&self, choices: &[(&str, T)]) -> Result<T, Error> {
+        let v = self.value();
+        choices.iter().find(|(name, _)| *name == v).map(|(_, t)| *t).ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            self.error(format!("expected one of {}, found '{v}'", names.join(", ")))
+        })
+    }
+}
+
+fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
+    let a = k.a;
+    let empty = a.value.is_empty();
+    let c = &mut d.container;
+    match (a.section.as_str(), a.key.as_str()) {
+        ("Container", "RootDirectory") => {
+            c.root_directory = if empty { None } else { Some(k.absolute_path(&k.word()?)?) }
+        }
+        ("Container", "Exec") => c.exec = k.words()?,
+        ("Container", "WorkingDirectory") => {
+            c.working_directory = if empty { None } else { Some(k.absolute_path(&k.word()?)?) }
+        }
+        ("Container", "Environment") => {
+            if empty {
+                c.environment.clear();
+            }
+            for word in k.words()? {
+                let (name, value) = word.split_once('=').ok_or_else(|| k.error(format!("'{word}' is not NAME=VALUE")))?;
+                if !is_env_name(name) {
+                    return Err(k.error(format!("'{name}' is not a valid environment variable name")));
+                }
+                c.environment.retain(|(n, _)| n != name);
+                c.environment.push((name.to_owned(), value.to_owned()));
+            }
+        }
+        ("Container", "User") => c.user = if empty { None } else { Some(parse_user(k)?) },
+        ("Container", "Hostname") => {
+            let h = if empty { d.name.clone() } else { k.word()? };
+            if !is_hostname(&h) {
+                return Err(k.error(format!("'{h}' is not a valid hostname (letters, digits, '-' and '.', at most 64)")));
+            }
+            c.hostname = h;
+        }
+        ("Container", "UserNamespace") => {
+            c.user_namespace = if empty {
+                UserNamespace::Private
+            } else {
+                k.choice(&[("private", UserNamespace::Private), ("host", UserNamespace::Host)])?
+            }
+        }
+        ("Container", "Network") => {
+            c.network = if empty { Network::None } else { k.choice(&[("none", Network::None), ("host", Network::Host)])? }
+        }
+        ("Container", "ReadOnly") => c.read_only = !empty && k.boolean()?,
+        ("Container", key @ ("Bind" | "BindReadOnly")) => {
+            if empty {
+                c.binds.retain(|b| b.read_only != (key == "BindReadOnly"));
+            }
+            for word in k.words()? {
+                c.binds.push(parse_bind(k, &word, key == "BindReadOnly")?);
+            }
+        }
+        ("Container", key @ ("AddCapability" | "DropCapability")) => {
+            let list = if key == "AddCapability" { &mut c.add_capabilities } else { &mut c.drop_capabilities };
+            if empty {
+                list.clear();
+            }
+            for word in k.words()? {
+                let cap = capability_name(&word);
+                if cap == "CAP_ALL" && key == "DropCapability" {
+                    list.push("ALL".into());
+                } else if KNOWN_CAPABILITIES.contains(&cap.as_str()) {
+                    list.push(cap);
+                } else {
+                    return Err(k.error(format!("unknown capability '{word}' (names as in capabilities(7), e.g. CAP_NET_ADMIN)")));
+                }
+            }
+        }
+        ("Container", "Seccomp") => {
+            c.seccomp = match a.value.as_str() {
+                "" | "default" => Seccomp::Default,
+                "unconfined" => Seccomp::Unconfined,
+                _ => Seccomp::Profile(k.absolute_path(&k.word()?).map_err(|_| {
+                    k.error(format!("expected 'default', 'unconfined' or an absolute path to a JSON profile, found '{}'", a.value))
+                })?),
+            }
+        }
+        ("Container", "NoNewPrivileges") => c.no_new_privileges = empty || k.boolean()?,
+        ("Container", "Init") => c.init = !empty && k.boolean()?,
+        ("GPU", "Device") => {
+            if empty {
+                d.gpu.devices.clear();
+            }
+            for word in k.words()? {
+                let selector: Selector = word.parse().map_err(|e: String| k.error(e))?;
+                if !d.gpu.devices.contains(&selector) {
+                    d.gpu.devices.push(selector);
+                }
+            }
+        }
+        ("GPU", "Optional") => d.gpu.optional = !empty && k.boolean()?,
+        ("GPU", "Hotplug") => d.gpu.hotplug = !empty && k.boolean()?,
+        ("GPU", "DriverLibraries") => d.gpu.driver_libraries = !empty && k.boolean()?,
+        ("Unit", _) => d.unit.push(PassThrough { key: a.key.clone(), value: a.value.clone() }),
+        ("Service", key) => {
+            if let Some((_, why)) = MANAGED_SERVICE_KEYS.iter().find(|(k, _)| *k == key) {
+                return Err(k.error(format!("is managed by gpubox and cannot be set here: {why}")));
+            }
+            d.service.push(PassThrough { key: a.key.clone(), value: a.value.clone() });
+        }
+        ("Install", key @ ("WantedBy" | "RequiredBy" | "UpheldBy")) => {
+            let list = match key {
+                "WantedBy" => &mut d.install.wanted_by,
+                "RequiredBy" => &mut d.install.required_by,
+                _ => &mut d.install.upheld_by,
+            };
+            if empty {
+                list.clear();
+            }
+            for word in k.words()? {
+                if !is_unit_name(&word) {
+                    return Err(k.error(format!("'{word}' is not a unit name (e.g. multi-user.target)")));
+                }
+                if !list.contains(&word) {
+                    list.push(word);
+                }
+            }
+        }
+        ("Container" | "GPU" | "Install", _) => {
+            return Err(k.error(format!("unknown key in [{}] (known: {})", a.section, known_keys(&a.section))))
+        }
+        (section, _) => {
+            return Err(Error::Syntax {
+                path: k.path.to_owned(),
+                line: a.line,
+                message: format!("unknown section [{section}] (expected [Container], [GPU], [Unit], [Service] or [Install])"),
+            })
+        }
+    }
+    Ok(())
+}
+
+fn known_keys(section: &str) -> &'static str {
+    match section {
+        "Container" => "RootDirectory, Exec, WorkingDirectory, Environment, User, Hostname, UserNamespace, Network, ReadOnly, Bind, BindReadOnly, AddCapability, DropCapability, Seccomp, NoNewPrivileges, Init",
+        "GPU" => "Device, Optional, Hotplug, DriverLibraries",
+        _ => "WantedBy, RequiredBy, UpheldBy",
+    }
+}
+
+fn parse_user(k: &Key) -> Result<User, Error> {
+    let v = k.word()?;
+    let id = |s: &str| s.parse::<u32>().ok().filter(|&n| n != u32::MAX);
+    if let Some((u, g)) = v.split_once(':') {
+        return match (id(u), id(g)) {
+            (Some(uid), Some(gid)) => Ok(User::Id { uid, gid: Some(gid) }),
+            _ => Err(k.error(format!("'{v}': expected a user name, UID, or UID:GID"))),
+        };
+    }
+    if let Some(uid) = id(&v) {
+        return Ok(User::Id { uid, gid: None });
+    }
+    let valid = v.len() <= 32
+        && v.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if valid {
+        Ok(User::Name(v))
+    } else {
+        Err(k.error(format!("'{v}': expected a user name, UID, or UID:GID")))
+    }
+}
+
+fn parse_bind(k: &Key, word: &str, read_only: bool) -> Result<Bind, Error> {
+    let (optional, spec) = match word.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, word),
+    };
+    let (source, destination) = match spec.split_once(':') {
+        Some((s, d)) => (s, d),
+        None => (spec, spec),
+    };
+    if destination.contains(':') {
+        return Err(k.error(format!("'{word}': expected SOURCE[:DESTINATION]")));
+    }
+    Ok(Bind { source: k.absolute_path(source)?, destination: k.absolute_path(destination)?, read_only, optional })
+}
+
+fn capability_name(word: &str) -> String {
+    let upper = word.to_ascii_uppercase();
+    if upper.starts_with("CAP_") {
+        upper
+    } else {
+        format!("CAP_{upper}")
+    }
+}
+
+/// capabilities(7), Linux 6.x.
+pub const KNOWN_CAPABILITIES: &[&str] = &[
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+];
+
+fn is_env_name(name: &str) -> bool {
+    name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn is_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 64
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+fn is_unit_name(name: &str) -> bool {
+    const SUFFIXES: &[&str] = &[
+        ".service", ".socket", ".device", ".mount", ".automount", ".swap", ".target", ".path", ".timer", ".slice",
+        ".scope",
+    ];
+    SUFFIXES.iter().any(|s| name.len() > s.len() && name.ends_with(s))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c))
+}

@@ -1,0 +1,127 @@
+//! systemd's unit-file syntax (systemd.syntax(7)): `[Section]` headers, `Key=Value` lines,
+//! `#`/`;` comments, and backslash continuation. Values are kept raw; each key's own grammar
+//! (words, booleans, paths) is applied by the model, which knows what the key means.
+//!
+//! A small exact parser instead of an INI crate: the `ini` crate keeps only the last of a
+//! repeated key, and `rust-ini` loses line numbers, which every error here must carry.
+
+use crate::Error;
+use std::path::Path;
+
+/// One `Key=Value` assignment, where it came from, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub section: String,
+    pub key: String,
+    pub value: String,
+    /// 1-based line of the assignment's first physical line.
+    pub line: usize,
+}
+
+/// Splits a file into its assignments, in order.
+pub fn parse(path: &Path, text: &str) -> Result<Vec<Assignment>, Error> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let syntax = |line: usize, message: String| Error::Syntax { path: path.to_owned(), line, message };
+
+    let mut out = Vec::new();
+    let mut section: Option<String> = None;
+    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
+
+    while let Some((first_line, raw)) = lines.next() {
+        let mut logical = raw.trim().to_owned();
+        if logical.is_empty() || logical.starts_with('#') || logical.starts_with(';') {
+            continue;
+        }
+        // A trailing backslash joins the next line with a space; comment lines inside a
+        // continuation are skipped, as systemd does.
+        while logical.ends_with('\\') {
+            logical.pop();
+            logical.push(' ');
+            let next = lines.by_ref().map(|(_, l)| l.trim()).find(|l| !l.starts_with('#') && !l.starts_with(';'));
+            match next {
+                Some(next) => logical.push_str(next),
+                None => break,
+            }
+        }
+        let logical = logical.trim_end();
+
+        if let Some(rest) = logical.strip_prefix('[') {
+            let name = rest
+                .strip_suffix(']')
+                .ok_or_else(|| syntax(first_line, format!("section header '{logical}' lacks a closing ']'")))?;
+            if name.is_empty() || name.contains(['[', ']']) {
+                return Err(syntax(first_line, format!("invalid section header '{logical}'")));
+            }
+            section = Some(name.to_owned());
+            continue;
+        }
+
+        let Some((key, value)) = logical.split_once('=') else {
+            return Err(syntax(first_line, format!("expected 'Key=Value' or '[Section]', found '{logical}'")));
+        };
+        let key = key.trim();
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
+            return Err(syntax(first_line, format!("invalid key name '{key}'")));
+        }
+        let Some(section) = &section else {
+            return Err(syntax(first_line, format!("'{key}=' appears before any [Section] header")));
+        };
+        out.push(Assignment {
+            section: section.clone(),
+            key: key.to_owned(),
+            value: value.trim().to_owned(),
+            line: first_line,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Vec<Assignment>, Error> {
+        parse(Path::new("t.gpubox"), text)
+    }
+
+    #[test]
+    fn sections_keys_and_comments() {
+        let a = p("# c\n; c\n[A]\nK = v w \n\n[B]\nK=\n").unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!((a[0].section.as_str(), a[0].key.as_str(), a[0].value.as_str(), a[0].line), ("A", "K", "v w", 4));
+        assert_eq!((a[1].section.as_str(), a[1].value.as_str(), a[1].line), ("B", "", 7));
+    }
+
+    #[test]
+    fn continuation_joins_with_space_and_skips_comments() {
+        let a = p("[A]\nExec=/bin/echo \\\n  one \\\n# skipped\n  two\nNext=1\n").unwrap();
+        // As systemd: the backslash becomes a space, the line's own spaces stay.
+        assert_eq!(a[0].value, "/bin/echo  one  two");
+        assert_eq!(a[0].line, 2);
+        assert_eq!(a[1].line, 6);
+    }
+
+    #[test]
+    fn continuation_at_end_of_file() {
+        let a = p("[A]\nK=v \\").unwrap();
+        assert_eq!(a[0].value, "v");
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let e = p("[A]\nK=1\nnot an assignment\n").unwrap_err().to_string();
+        assert_eq!(e, "t.gpubox:3: expected 'Key=Value' or '[Section]', found 'not an assignment'");
+        let e = p("K=1\n").unwrap_err().to_string();
+        assert_eq!(e, "t.gpubox:1: 'K=' appears before any [Section] header");
+        let e = p("[A\n").unwrap_err().to_string();
+        assert!(e.starts_with("t.gpubox:1: section header"), "{e}");
+        let e = p("[A]\nK K=1\n").unwrap_err().to_string();
+        assert_eq!(e, "t.gpubox:2: invalid key name 'K K'");
+    }
+
+    #[test]
+    fn value_may_contain_equals_and_quotes() {
+        let a = p("[A]\nEnvironment=\"A=b c\" D=e\n").unwrap();
+        assert_eq!(a[0].value, "\"A=b c\" D=e");
+    }
+}
