@@ -41,7 +41,13 @@ impl SearchPath {
     /// `$GPUBOX_DEFINITIONS_PATH` if set and non-empty, else the default paths.
     pub fn from_env() -> Self {
         match std::env::var_os(PATH_VARIABLE) {
-            Some(v) if !v.is_empty() => SearchPath(std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect()),
+            // Absolute, because paths end up in units (SourcePath=) and logs.
+            Some(v) if !v.is_empty() => SearchPath(
+                std::env::split_paths(&v)
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(|p| std::path::absolute(&p).unwrap_or(p))
+                    .collect(),
+            ),
             _ => SearchPath::default(),
         }
     }
@@ -177,7 +183,9 @@ pub fn check_name(name: &str, path: &Path) -> Result<(), Error> {
             .map(|c| format!("'{name}' contains {c:?}; a name may hold letters, digits, ':', '_', '.' and '-' (it becomes the unit gpu@NAME.service)"))
     };
     match why {
-        Some(message) => Err(Error::Definition { path: path.to_owned(), message: format!("invalid definition name: {message}") }),
+        Some(message) => {
+            Err(Error::Definition { path: path.to_owned(), message: format!("invalid definition name: {message}") })
+        }
         None => Ok(()),
     }
 }

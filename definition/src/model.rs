@@ -164,7 +164,9 @@ pub(crate) fn build(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> Result<
         for a in assignments {
             let k = Key { path, a, specifiers: &specifiers };
             if is_single_valued(&a.section, &a.key) && !seen.insert((a.section.as_str(), a.key.as_str())) {
-                return Err(k.error("set more than once in this file (it takes one value; later drop-ins may override it)"));
+                return Err(
+                    k.error("set more than once in this file (it takes one value; later drop-ins may override it)")
+                );
             }
             apply(&mut d, &k)?;
             if (a.section.as_str(), a.key.as_str()) == ("Container", "Exec") {
@@ -183,7 +185,9 @@ pub(crate) fn build(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> Result<
                 key: "Exec".into(),
                 message: "the command is empty".into(),
             },
-            None => Error::Definition { path, message: "[Container] Exec= is missing: say what the container runs".into() },
+            None => {
+                Error::Definition { path, message: "[Container] Exec= is missing: say what the container runs".into() }
+            }
         });
     }
     Ok(d)
@@ -249,7 +253,10 @@ impl Key<'_> {
         match self.value().to_ascii_lowercase().as_str() {
             "1" | "yes" | "y" | "true" | "t" | "on" => Ok(true),
             "0" | "no" | "n" | "false" | "f" | "off" => Ok(false),
-            _ => Err(self.error(format!("expected a boolean (yes/no, true/false, on/off, 1/0), found '{}'", self.value()))),
+            _ => {
+                Err(self
+                    .error(format!("expected a boolean (yes/no, true/false, on/off, 1/0), found '{}'", self.value())))
+            }
         }
     }
 
@@ -290,7 +297,8 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
                 c.environment.clear();
             }
             for word in k.words()? {
-                let (name, value) = word.split_once('=').ok_or_else(|| k.error(format!("'{word}' is not NAME=VALUE")))?;
+                let (name, value) =
+                    word.split_once('=').ok_or_else(|| k.error(format!("'{word}' is not NAME=VALUE")))?;
                 if !is_env_name(name) {
                     return Err(k.error(format!("'{name}' is not a valid environment variable name")));
                 }
@@ -302,7 +310,9 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
         ("Container", "Hostname") => {
             let h = if empty { d.name.clone() } else { k.word()? };
             if !is_hostname(&h) {
-                return Err(k.error(format!("'{h}' is not a valid hostname (letters, digits, '-' and '.', at most 64)")));
+                return Err(
+                    k.error(format!("'{h}' is not a valid hostname (letters, digits, '-' and '.', at most 64)"))
+                );
             }
             c.hostname = h;
         }
@@ -314,7 +324,8 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
             }
         }
         ("Container", "Network") => {
-            c.network = if empty { Network::None } else { k.choice(&[("none", Network::None), ("host", Network::Host)])? }
+            c.network =
+                if empty { Network::None } else { k.choice(&[("none", Network::None), ("host", Network::Host)])? }
         }
         ("Container", "ReadOnly") => c.read_only = !empty && k.boolean()?,
         ("Container", key @ ("Bind" | "BindReadOnly")) => {
@@ -337,7 +348,9 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
                 } else if KNOWN_CAPABILITIES.contains(&cap.as_str()) {
                     list.push(cap);
                 } else {
-                    return Err(k.error(format!("unknown capability '{word}' (names as in capabilities(7), e.g. CAP_NET_ADMIN)")));
+                    return Err(k.error(format!(
+                        "unknown capability '{word}' (names as in capabilities(7), e.g. CAP_NET_ADMIN)"
+                    )));
                 }
             }
         }
@@ -346,7 +359,10 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
                 "" | "default" => Seccomp::Default,
                 "unconfined" => Seccomp::Unconfined,
                 _ => Seccomp::Profile(k.absolute_path(&k.word()?).map_err(|_| {
-                    k.error(format!("expected 'default', 'unconfined' or an absolute path to a JSON profile, found '{}'", a.value))
+                    k.error(format!(
+                        "expected 'default', 'unconfined' or an absolute path to a JSON profile, found '{}'",
+                        a.value
+                    ))
                 })?),
             }
         }
@@ -398,7 +414,9 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
             return Err(Error::Syntax {
                 path: k.path.to_owned(),
                 line: a.line,
-                message: format!("unknown section [{section}] (expected [Container], [GPU], [Unit], [Service] or [Install])"),
+                message: format!(
+                    "unknown section [{section}] (expected [Container], [GPU], [Unit], [Service] or [Install])"
+                ),
             })
         }
     }
@@ -461,14 +479,47 @@ fn capability_name(word: &str) -> String {
 
 /// capabilities(7), Linux 6.x.
 pub const KNOWN_CAPABILITIES: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
 ];
 
 fn is_env_name(name: &str) -> bool {
@@ -489,7 +540,16 @@ fn is_hostname(h: &str) -> bool {
 
 fn is_unit_name(name: &str) -> bool {
     const SUFFIXES: &[&str] = &[
-        ".service", ".socket", ".device", ".mount", ".automount", ".swap", ".target", ".path", ".timer", ".slice",
+        ".service",
+        ".socket",
+        ".device",
+        ".mount",
+        ".automount",
+        ".swap",
+        ".target",
+        ".path",
+        ".timer",
+        ".slice",
         ".scope",
     ];
     SUFFIXES.iter().any(|s| name.len() > s.len() && name.ends_with(s))

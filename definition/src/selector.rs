@@ -91,7 +91,8 @@ impl FromStr for Selector {
         if s == "all" {
             return Ok(Selector::All);
         }
-        let (kind, arg) = s.split_once(':').ok_or_else(|| format!("unknown GPU selector '{s}' (expected one of: {FORMS})"))?;
+        let (kind, arg) =
+            s.split_once(':').ok_or_else(|| format!("unknown GPU selector '{s}' (expected one of: {FORMS})"))?;
         match kind {
             "nvidia" => {
                 if let Ok(i) = arg.parse::<u32>() {
@@ -106,7 +107,9 @@ impl FromStr for Selector {
             "drm" => {
                 let number = arg.strip_prefix("card").or_else(|| arg.strip_prefix("renderD"));
                 match number {
-                    Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => Ok(Selector::Drm(arg.to_owned())),
+                    Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()) => {
+                        Ok(Selector::Drm(arg.to_owned()))
+                    }
                     _ => Err(format!("'{s}': expected drm:cardN or drm:renderDN")),
                 }
             }

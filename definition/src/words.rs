@@ -95,9 +95,7 @@ impl Specifiers<'_> {
                 Some('N') => out.push_str(&format!("gpu@{}", self.instance)),
                 Some('p' | 'P') => out.push_str("gpu"),
                 Some('%') => out.push('%'),
-                Some(other) => {
-                    return Err(format!("unknown specifier '%{other}' (supported: {})", Self::SUPPORTED))
-                }
+                Some(other) => return Err(format!("unknown specifier '%{other}' (supported: {})", Self::SUPPORTED)),
                 None => return Err("'%' at the end of a value; write '%%' for a literal '%'".into()),
             }
         }

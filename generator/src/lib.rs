@@ -51,7 +51,9 @@ pub fn generate(d: &Definition, template: &Path) -> Generated {
 
     let install = &d.install;
     let mut links = Vec::new();
-    for (targets, kind) in [(&install.wanted_by, "wants"), (&install.required_by, "requires"), (&install.upheld_by, "upholds")] {
+    for (targets, kind) in
+        [(&install.wanted_by, "wants"), (&install.required_by, "requires"), (&install.upheld_by, "upholds")]
+    {
         for target in targets {
             links.push((PathBuf::from(format!("{target}.{kind}")).join(&unit), template.to_owned()));
         }
