@@ -1,0 +1,60 @@
+//! The container's capability set: Docker's and Podman's default bounding set, adjusted by the
+//! definition's `AddCapability=` and `DropCapability=` (drops win).
+
+use anyhow::{anyhow, Result};
+use caps::{CapSet, Capability, CapsHashSet};
+use gpubox_definition::Container;
+use std::str::FromStr;
+
+/// Docker's default set (Podman's is the same less MKNOD, NET_RAW and AUDIT_WRITE).
+pub const DEFAULT: &[Capability] = &[
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_KILL,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETUID,
+    Capability::CAP_SETPCAP,
+    Capability::CAP_NET_BIND_SERVICE,
+    Capability::CAP_NET_RAW,
+    Capability::CAP_SYS_CHROOT,
+    Capability::CAP_MKNOD,
+    Capability::CAP_AUDIT_WRITE,
+    Capability::CAP_SETFCAP,
+];
+
+pub fn for_container(c: &Container) -> Result<CapsHashSet> {
+    let mut set: CapsHashSet = DEFAULT.iter().copied().collect();
+    for name in &c.add_capabilities {
+        set.insert(Capability::from_str(name).map_err(|_| anyhow!("unknown capability {name}"))?);
+    }
+    for name in &c.drop_capabilities {
+        if name == "ALL" {
+            set.clear();
+        } else {
+            set.remove(&Capability::from_str(name).map_err(|_| anyhow!("unknown capability {name}"))?);
+        }
+    }
+    Ok(set)
+}
+
+/// Reduces the bounding set; caps the kernel does not know are skipped.
+pub fn limit_bounding(keep: &CapsHashSet) -> Result<()> {
+    for cap in caps::all() {
+        if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, cap)?;
+        }
+    }
+    Ok(())
+}
+
+/// For a payload that runs as root in its namespace: exactly `keep`, also across exec.
+pub fn set_for_root(keep: &CapsHashSet) -> Result<()> {
+    caps::set(None, CapSet::Effective, keep)?;
+    caps::set(None, CapSet::Permitted, keep)?;
+    caps::set(None, CapSet::Inheritable, keep)?;
+    // Ambient capabilities stay empty: root's capabilities across exec come from the bounding set.
+    caps::clear(None, CapSet::Ambient)?;
+    Ok(())
+}

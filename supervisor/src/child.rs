@@ -1,0 +1,338 @@
+//! The container side of the clone: from a fresh set of namespaces to the payload's exec.
+//! Runs in the forked child of a single-threaded supervisor. Every failure is written to the
+//! error pipe, with the exit code the supervisor will report, and the child exits.
+
+use crate::capabilities;
+use crate::rootfs::{self, Layout};
+use crate::sys;
+use anyhow::{anyhow, bail, Context, Result};
+use caps::CapsHashSet;
+use gpubox_definition::{Bind, User};
+use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::unistd::{Gid, Pid, Uid};
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Everything the child needs, prepared by the supervisor before the clone.
+pub struct Plan {
+    pub root_directory: Option<PathBuf>,
+    pub read_only: bool,
+    pub hostname: String,
+    pub binds: Vec<Bind>,
+    pub devices: Vec<PathBuf>,
+    pub private_network: bool,
+    pub user_namespace: bool,
+    pub user: Option<User>,
+    pub exec: Vec<String>,
+    pub working_directory: Option<PathBuf>,
+    pub environment: Vec<(String, String)>,
+    pub capabilities: CapsHashSet,
+    pub no_new_privileges: bool,
+    pub seccomp: Option<Vec<u8>>,
+    pub init: bool,
+    pub console: Option<PathBuf>,
+}
+
+/// Exit codes for failures before the payload runs, as Podman uses them.
+pub const SETUP_FAILED: i32 = 125;
+pub const NOT_EXECUTABLE: i32 = 126;
+pub const NOT_FOUND: i32 = 127;
+
+/// A setup failure, with the exit code it maps to.
+pub struct Failure(pub i32, pub anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(SETUP_FAILED, e.into())
+    }
+}
+
+/// Entry point in the child. Never returns.
+pub fn run(plan: &Plan, go: OwnedFd, errors: OwnedFd) -> ! {
+    let mut errors = Some(File::from(errors));
+    let Err(Failure(code, e)) = setup_and_exec(plan, go, &mut errors);
+    if let Some(mut errors) = errors {
+        let _ = write!(errors, "{code}\n{e:#}");
+    }
+    // SAFETY: _exit is always safe; it skips atexit handlers that belong to the parent.
+    unsafe { libc::_exit(code) }
+}
+
+fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result<std::convert::Infallible, Failure> {
+    // The start barrier: wait until the supervisor has mapped our ids and placed us.
+    let mut go = File::from(go);
+    let mut byte = [0u8; 1];
+    if go.read(&mut byte)? != 1 {
+        return Err(anyhow!("the supervisor went away during setup").into());
+    }
+    if plan.user_namespace {
+        nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+            .context("becoming root in the user namespace")?;
+        nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+            .context("becoming root in the user namespace")?;
+    }
+    nix::unistd::setgroups(&[]).context("clearing supplementary groups")?;
+    nix::unistd::sethostname(&plan.hostname).context("setting the hostname")?;
+    if plan.private_network {
+        loopback_up().context("bringing up lo")?;
+    }
+    rootfs::build(&Layout {
+        root_directory: plan.root_directory.as_deref(),
+        read_only: plan.read_only,
+        binds: &plan.binds,
+        devices: &plan.devices,
+        private_network: plan.private_network,
+        console: plan.console.clone(),
+    })?;
+
+    let account = resolve_user(plan.user.as_ref())?;
+    let env = environment(plan, &account);
+    let program = find_program(&plan.exec[0], &env)?;
+    let cwd = plan.working_directory.clone().unwrap_or_else(|| PathBuf::from("/"));
+    nix::unistd::chdir(&cwd).map_err(|e| Failure(SETUP_FAILED, anyhow!("WorkingDirectory={}: {e}", cwd.display())))?;
+
+    // With no_new_privs off, a seccomp filter needs CAP_SYS_ADMIN (in our namespace), so it
+    // goes in before the capabilities are dropped; otherwise as late as possible.
+    if !plan.no_new_privileges {
+        load_seccomp(plan)?;
+    }
+    capabilities::limit_bounding(&plan.capabilities).context("reducing the capability bounding set")?;
+    if account.uid != 0 {
+        let groups: Vec<Gid> = account.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+        nix::unistd::setgroups(&groups).context("setting supplementary groups")?;
+        let (u, g) = (Uid::from_raw(account.uid), Gid::from_raw(account.gid));
+        nix::unistd::setresgid(g, g, g).with_context(|| format!("switching to gid {g}"))?;
+        nix::unistd::setresuid(u, u, u).with_context(|| format!("switching to uid {u}"))?;
+    } else {
+        capabilities::set_for_root(&plan.capabilities).context("setting capabilities")?;
+    }
+    if plan.no_new_privileges {
+        nix::sys::prctl::set_no_new_privs().context("setting no_new_privs")?;
+        load_seccomp(plan)?;
+    }
+
+    // Credentials are final, so the parent-death signal sticks; then make sure the
+    // supervisor did not die before it was set.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
+    let mut poll = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&go), nix::poll::PollFlags::POLLIN)];
+    if nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO).unwrap_or(0) > 0 {
+        return Err(anyhow!("the supervisor went away during setup").into());
+    }
+
+    let argv: Vec<CString> = plan.exec.iter().map(|a| cstring(a)).collect::<Result<_>>()?;
+    let envp: Vec<CString> = env.iter().map(|(k, v)| cstring(&format!("{k}={v}"))).collect::<Result<_>>()?;
+    if plan.init {
+        let errors = errors.take().expect("the error pipe is still open");
+        init::run(&program, &argv, &envp, errors);
+    }
+    restore_signals();
+    let e = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
+    let code = if e == nix::errno::Errno::ENOENT { NOT_FOUND } else { NOT_EXECUTABLE };
+    Err(Failure(code, anyhow!("cannot execute {}: {}", program.to_string_lossy(), e.desc())))
+}
+
+fn load_seccomp(plan: &Plan) -> Result<()> {
+    match &plan.seccomp {
+        Some(program) => sys::seccomp_load(program).context("loading the seccomp filter"),
+        None => Ok(()),
+    }
+}
+
+fn cstring(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| anyhow!("'{s}' contains a NUL byte"))
+}
+
+/// The supervisor blocks the signals it forwards; the payload starts with none blocked.
+pub fn restore_signals() {
+    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+}
+
+struct Account {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+    home: String,
+}
+
+/// Resolves `User=` in the container's own /etc/passwd and /etc/group.
+fn resolve_user(user: Option<&User>) -> Result<Account, Failure> {
+    let root = Account { uid: 0, gid: 0, groups: vec![], home: "/root".into() };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let entry = |pred: &dyn Fn(&[&str]) -> bool| -> Option<(u32, u32, String, String)> {
+        passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() >= 6 && pred(f))
+            .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?, f[0].to_owned(), f[5].to_owned())))
+    };
+    let (uid, gid, name, home) = match user {
+        None => return Ok(root),
+        Some(User::Name(n)) => entry(&|f| f[0] == n)
+            .ok_or_else(|| Failure(SETUP_FAILED, anyhow!("User={n}: no such user in the container's /etc/passwd")))?,
+        Some(User::Id { uid, gid }) => match entry(&|f| f[2] == uid.to_string()) {
+            Some((u, g, name, home)) => (u, gid.unwrap_or(g), name, home),
+            None => (*uid, gid.unwrap_or(*uid), String::new(), "/".into()),
+        },
+    };
+    let groups = std::fs::read_to_string("/etc/group")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && !name.is_empty() && f[3].split(',').any(|m| m == name))
+                .then(|| f[2].parse().ok())
+                .flatten()
+        })
+        .chain(std::iter::once(gid))
+        .collect();
+    Ok(Account { uid, gid, groups, home })
+}
+
+fn environment(plan: &Plan, account: &Account) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("PATH".to_owned(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+        ("HOME".to_owned(), account.home.clone()),
+        ("container".to_owned(), "gpubox".to_owned()),
+    ];
+    if plan.console.is_some() {
+        if let Ok(term) = std::env::var("TERM") {
+            env.push(("TERM".into(), term));
+        }
+    }
+    for (k, v) in &plan.environment {
+        env.retain(|(n, _)| n != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
+}
+
+/// Finds the program as execvp would, but in the container's PATH.
+fn find_program(name: &str, env: &[(String, String)]) -> Result<CString, Failure> {
+    if name.contains('/') {
+        return Ok(cstring(name)?);
+    }
+    let path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(name);
+        if nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok() && candidate.is_file() {
+            return Ok(CString::new(candidate.as_os_str().as_bytes())?);
+        }
+    }
+    Err(Failure(NOT_FOUND, anyhow!("cannot execute {name}: not found in PATH={path}")))
+}
+
+/// Brings up the loopback interface of a new network namespace.
+fn loopback_up() -> Result<()> {
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the flags of the interface named in ifr into ifr.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        bail!("SIOCGIFFLAGS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the union member ifru_flags is what SIOCGIFFLAGS filled in.
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS sets the flags in ifr on the interface named in it.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        bail!("SIOCSIFFLAGS: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `Init=yes`: a minimal PID 1 that starts the payload, forwards signals to it and reaps
+/// every orphan, for payloads that are not written to be PID 1.
+mod init {
+    use super::*;
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+
+    const FORWARDED: &[Signal] = &[
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGCONT,
+    ];
+
+    extern "C" fn noop(_: libc::c_int) {}
+
+    pub fn run(program: &CString, argv: &[CString], envp: &[CString], mut errors: File) -> ! {
+        // PID 1 only receives signals it has a handler for; the handler never runs, as the
+        // signals stay blocked and are taken with sigwait.
+        for &s in FORWARDED {
+            // SAFETY: noop is async-signal-safe (it does nothing).
+            let _ = unsafe { signal::signal(s, SigHandler::Handler(noop)) };
+        }
+        // Closes when the payload execs; only then may the supervisor's error pipe close.
+        let Ok((exec_read, exec_write)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+            let _ = write!(errors, "{SETUP_FAILED}\ninit: cannot create a pipe");
+            exit(SETUP_FAILED)
+        };
+        // SAFETY: single-threaded; the child only resets signals and execs.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                drop(exec_read);
+                for &s in FORWARDED {
+                    // SAFETY: restoring the default disposition is always safe.
+                    let _ = unsafe { signal::signal(s, SigHandler::SigDfl) };
+                }
+                restore_signals();
+                let e = nix::unistd::execve(program, argv, envp).unwrap_err();
+                let code = if e == nix::errno::Errno::ENOENT { NOT_FOUND } else { NOT_EXECUTABLE };
+                let _ = write!(errors, "{code}\ncannot execute {}: {}", program.to_string_lossy(), e.desc());
+                exit(code)
+            }
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                drop(exec_write);
+                let _ = File::from(exec_read).read(&mut [0u8; 1]);
+                drop(errors);
+                supervise(child)
+            }
+            Err(e) => {
+                let _ = write!(errors, "{SETUP_FAILED}\ninit: fork: {e}");
+                exit(SETUP_FAILED)
+            }
+        }
+    }
+
+    fn supervise(payload: Pid) -> ! {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGCHLD);
+        FORWARDED.iter().for_each(|&s| set.add(s));
+        loop {
+            match set.wait() {
+                Ok(Signal::SIGCHLD) => loop {
+                    match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                        Ok(WaitStatus::Exited(pid, code)) if pid == payload => exit(code),
+                        Ok(WaitStatus::Signaled(pid, sig, _)) if pid == payload => exit(128 + sig as i32),
+                        Ok(WaitStatus::StillAlive) | Err(_) => break,
+                        Ok(_) => continue,
+                    }
+                },
+                Ok(s) => {
+                    let _ = signal::kill(payload, s);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn exit(code: i32) -> ! {
+        // SAFETY: _exit is always safe; as PID 1 exiting, the kernel kills what is left.
+        unsafe { libc::_exit(code) }
+    }
+}

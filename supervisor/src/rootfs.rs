@@ -1,0 +1,253 @@
+//! The container's file system, built inside its private mount namespace and never visible
+//! to the host: the root (the definition's `RootDirectory=` or the host's `/` read-only),
+//! a fresh `/proc` with runc's masked and read-only paths, `/sys` read-only, a tmpfs `/dev`
+//! with only the standard nodes, a new devpts instance, the GPU nodes, the binds, and finally
+//! `pivot_root` with the old root detached.
+
+use crate::sys;
+use anyhow::{bail, Context, Result};
+use gpubox_definition::Bind;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+pub struct Layout<'a> {
+    pub root_directory: Option<&'a Path>,
+    pub read_only: bool,
+    pub binds: &'a [Bind],
+    /// Host device nodes that appear at the same path inside.
+    pub devices: &'a [PathBuf],
+    /// A new network namespace (sysfs can be mounted fresh), rather than the host's.
+    pub private_network: bool,
+    /// The supervisor's terminal, bound at `/dev/console`.
+    pub console: Option<PathBuf>,
+}
+
+/// Files and directories under /proc that hide host information or allow host changes
+/// (runc's and crun's defaults).
+const MASKED: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+const READ_ONLY: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+/// Nodes a container's `/dev` holds besides its GPUs, bound from the host's.
+pub const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+const HOST_ROOT_STAGING: &str = "/tmp/.gpubox-root";
+
+fn mnt(source: Option<&str>, target: &Path, fstype: Option<&str>, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    mount(source, target, fstype, flags, data)
+        .with_context(|| format!("mounting {} on {}", fstype.or(source).unwrap_or("(remount)"), target.display()))
+}
+
+fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<()> {
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | flags, None::<&str>)
+        .with_context(|| format!("binding {} to {}", source.display(), target.display()))
+}
+
+fn remount_bind_read_only(target: &Path, extra: MsFlags) -> Result<()> {
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | extra;
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .with_context(|| format!("making {} read-only", target.display()))
+}
+
+fn inside(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// Builds the file system and pivots into it. Runs in the child, in its own mount namespace.
+pub fn build(layout: &Layout) -> Result<()> {
+    // Nothing mounted here may propagate back to the host.
+    mnt(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_SLAVE, None)?;
+
+    let root = match layout.root_directory {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("RootDirectory={} is not a directory", dir.display());
+            }
+            bind(dir, dir, MsFlags::MS_REC)?;
+            if layout.read_only {
+                sys::mount_setattr_recursive(dir, sys::MOUNT_ATTR_RDONLY).context("making the root read-only")?;
+            }
+            dir.to_owned()
+        }
+        None => {
+            // The host's / cannot be bound onto itself and pivoted into, so it is bound below a
+            // private tmpfs on /tmp; the container gets fresh tmpfs on /tmp, /run and /var/tmp.
+            let tmp = Path::new("/tmp");
+            mnt(Some("tmpfs"), tmp, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+            let staging = Path::new(HOST_ROOT_STAGING);
+            fs::create_dir(staging).context("creating the staging directory")?;
+            bind(Path::new("/"), staging, MsFlags::MS_REC)?;
+            sys::mount_setattr_recursive(staging, sys::MOUNT_ATTR_RDONLY).context("making the host's / read-only")?;
+            for dir in ["tmp", "run", "var/tmp"] {
+                let target = staging.join(dir);
+                if target.is_dir() {
+                    let mode = if dir == "run" { "mode=755" } else { "mode=1777" };
+                    mnt(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(mode))?;
+                }
+            }
+            staging.to_owned()
+        }
+    };
+
+    proc(&root)?;
+    sys(&root, layout.private_network)?;
+    dev(&root, layout)?;
+    for b in layout.binds {
+        user_bind(&root, b)?;
+    }
+    pivot(&root)?;
+    if layout.root_directory.is_none() {
+        let _ = fs::remove_dir(HOST_ROOT_STAGING);
+    }
+    Ok(())
+}
+
+fn proc(root: &Path) -> Result<()> {
+    let target = inside(root, Path::new("/proc"));
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mnt(Some("proc"), &target, Some("proc"), flags, None)?;
+    for path in READ_ONLY {
+        let p = inside(root, Path::new(path));
+        if p.exists() {
+            bind(&p, &p, MsFlags::MS_REC)?;
+            remount_bind_read_only(&p, flags)?;
+        }
+    }
+    Ok(())
+}
+
+fn sys(root: &Path, private_network: bool) -> Result<()> {
+    let target = inside(root, Path::new("/sys"));
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    // sysfs can be mounted only by the owner of the network namespace; with the host's network
+    // the host's /sys is bound read-only instead.
+    if !private_network || mount(Some("sysfs"), &target, Some("sysfs"), flags, None::<&str>).is_err() {
+        bind(Path::new("/sys"), &target, MsFlags::MS_REC)?;
+        sys::mount_setattr_recursive(&target, sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID)
+            .context("making /sys read-only")?;
+    } else {
+        let cgroup = target.join("fs/cgroup");
+        // The container's own cgroup (its cgroup namespace's root), read-only.
+        let _ = mount(Some("cgroup2"), &cgroup, Some("cgroup2"), flags, None::<&str>);
+    }
+    for path in MASKED {
+        mask(&inside(root, Path::new(path)))?;
+    }
+    Ok(())
+}
+
+/// Hides a file behind /dev/null, a directory behind an empty read-only tmpfs.
+fn mask(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => mnt(Some("tmpfs"), path, Some("tmpfs"), MsFlags::MS_RDONLY, Some("size=0,mode=0")),
+        Ok(_) => bind(Path::new("/dev/null"), path, MsFlags::empty()),
+        Err(_) => Ok(()),
+    }
+}
+
+fn dev(root: &Path, layout: &Layout) -> Result<()> {
+    let dev = inside(root, Path::new("/dev"));
+    mnt(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=65536k"))?;
+    for node in DEV_NODES {
+        bind_node(&Path::new("/dev").join(node), &dev.join(node))?;
+    }
+    if let Some(console) = &layout.console {
+        bind_node(console, &dev.join("console"))?;
+    }
+    let pts = dev.join("pts");
+    fs::create_dir(&pts)?;
+    mnt(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )
+    .or_else(|_| {
+        mnt(
+            Some("devpts"),
+            &pts,
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        )
+    })?;
+    symlink("pts/ptmx", dev.join("ptmx"))?;
+    let shm = dev.join("shm");
+    fs::create_dir(&shm)?;
+    mnt(Some("shm"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777,size=65536k"))?;
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(target, dev.join(link))?;
+    }
+    for device in layout.devices {
+        bind_node(device, &inside(root, device))?;
+    }
+    Ok(())
+}
+
+/// Bind-mounts one host node; a node cannot be created with mknod in a user namespace.
+fn bind_node(host: &Path, target: &Path) -> Result<()> {
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fs::File::create(target).with_context(|| format!("creating {}", target.display()))?;
+    bind(host, target, MsFlags::empty())
+}
+
+fn user_bind(root: &Path, b: &Bind) -> Result<()> {
+    let source_meta = match fs::metadata(&b.source) {
+        Ok(m) => m,
+        Err(_) if b.optional => return Ok(()),
+        Err(e) => bail!("Bind source {}: {e}", b.source.display()),
+    };
+    let target = inside(root, &b.destination);
+    if !target.exists() {
+        let made = if source_meta.is_dir() {
+            fs::create_dir_all(&target)
+        } else {
+            target.parent().map(fs::create_dir_all).transpose().and_then(|_| fs::File::create(&target).map(drop))
+        };
+        made.with_context(|| {
+            format!(
+                "creating the mount point {} for Bind={} (is the root read-only?)",
+                b.destination.display(),
+                b.source.display()
+            )
+        })?;
+    }
+    bind(&b.source, &target, MsFlags::MS_REC)?;
+    if b.read_only {
+        sys::mount_setattr_recursive(&target, sys::MOUNT_ATTR_RDONLY)
+            .with_context(|| format!("making {} read-only", b.destination.display()))?;
+    }
+    Ok(())
+}
+
+fn pivot(root: &Path) -> Result<()> {
+    nix::unistd::chdir(root).with_context(|| format!("entering {}", root.display()))?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves
+    // only the new root, without needing a directory for the old one.
+    nix::unistd::pivot_root(".", ".").context("pivot_root")?;
+    umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
+    nix::unistd::chdir("/").context("entering /")?;
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! The seccomp filter, compiled once in the supervisor before the clone (libseccomp's compile
+//! is the slow part) and loaded in the child with one system call.
+//!
+//! The default profile denies, with EPERM, what Docker's and Podman's default profiles deny to
+//! a container without CAP_SYS_ADMIN: kernel modules, kexec, reboot, swap, clock setting,
+//! keyrings, bpf, perf, handle-based opens, the mount APIs old and new, namespace creation,
+//! and the rest of the list below. Unlike Docker, the NUMA memory-policy calls (mbind,
+//! set_mempolicy, …) stay allowed: GPU runtimes use them to place pinned host memory. Rules are added for the native and the compat architectures
+//! (x86 and x32 on x86_64), so a 32-bit binary cannot go around them.
+
+use anyhow::{bail, Context, Result};
+use gpubox_definition::Seccomp;
+use libseccomp::{ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+use serde::Deserialize;
+use std::io::{Read, Seek};
+use std::path::Path;
+
+/// System calls the default profile denies.
+pub const DENIED: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "clock_settime64",
+    "create_module",
+    "delete_module",
+    "fanotify_init",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "sysfs",
+    "_sysctl",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+];
+
+/// Namespace flags that clone(2) may not ask for (Docker's mask, without CAP_SYS_ADMIN).
+const CLONE_NAMESPACE_FLAGS: [libc::c_int; 7] = [
+    libc::CLONE_NEWNS,
+    libc::CLONE_NEWUTS,
+    libc::CLONE_NEWIPC,
+    libc::CLONE_NEWUSER,
+    libc::CLONE_NEWPID,
+    libc::CLONE_NEWNET,
+    libc::CLONE_NEWCGROUP,
+];
+
+/// A compiled classic-BPF program, or none for `Seccomp=unconfined`.
+pub fn compile(setting: &Seccomp) -> Result<Option<Vec<u8>>> {
+    let ctx = match setting {
+        Seccomp::Unconfined => return Ok(None),
+        Seccomp::Default => default_profile()?,
+        Seccomp::Profile(path) => oci_profile(path).with_context(|| format!("seccomp profile {}", path.display()))?,
+    };
+    Ok(Some(export(&ctx)?))
+}
+
+fn with_compat_arches(ctx: &mut ScmpFilterContext) -> Result<()> {
+    let native = ScmpArch::native();
+    let compat: &[ScmpArch] = match native {
+        ScmpArch::X8664 => &[ScmpArch::X86, ScmpArch::X32],
+        ScmpArch::Aarch64 => &[ScmpArch::Arm],
+        _ => &[],
+    };
+    for &arch in compat {
+        ctx.add_arch(arch)?;
+    }
+    Ok(())
+}
+
+fn default_profile() -> Result<ScmpFilterContext> {
+    let mut ctx = ScmpFilterContext::new(ScmpAction::Allow)?;
+    with_compat_arches(&mut ctx)?;
+    let eperm = ScmpAction::Errno(libc::EPERM);
+    for name in DENIED {
+        // A name this libseccomp does not know on this architecture has nothing to deny.
+        if let Ok(syscall) = ScmpSyscall::from_name(name) {
+            ctx.add_rule(eperm, syscall)?;
+        }
+    }
+    // clone: no new namespaces; one rule per flag, since a rule can only test equality.
+    for flag in CLONE_NAMESPACE_FLAGS {
+        let flag = flag as u64;
+        let set = ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(flag), flag);
+        ctx.add_rule_conditional(eperm, ScmpSyscall::from_name("clone")?, &[set])?;
+    }
+    // clone3 passes its flags in memory, which seccomp cannot read: it says ENOSYS and libc
+    // falls back to clone, as under Docker.
+    ctx.add_rule(ScmpAction::Errno(libc::ENOSYS), ScmpSyscall::from_name("clone3")?)?;
+    Ok(ctx)
+}
+
+fn export(ctx: &ScmpFilterContext) -> Result<Vec<u8>> {
+    let mut file = tempfile_in_memory()?;
+    ctx.export_bpf(&mut file).context("exporting the seccomp filter")?;
+    file.rewind()?;
+    let mut program = Vec::new();
+    file.read_to_end(&mut program)?;
+    if program.is_empty() || program.len() % std::mem::size_of::<libc::sock_filter>() != 0 {
+        bail!("libseccomp exported a malformed filter ({} bytes)", program.len());
+    }
+    Ok(program)
+}
+
+fn tempfile_in_memory() -> Result<std::fs::File> {
+    let fd = nix::sys::memfd::memfd_create(c"gpubox-seccomp", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .context("memfd_create")?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// The OCI runtime-spec / Docker JSON profile format, the part that matters for filtering.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OciProfile {
+    default_action: String,
+    #[serde(default)]
+    default_errno_ret: Option<i32>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    syscalls: Vec<OciRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OciRule {
+    names: Vec<String>,
+    action: String,
+    #[serde(default)]
+    errno_ret: Option<i32>,
+    #[serde(default)]
+    args: Vec<OciArg>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OciArg {
+    index: u32,
+    value: u64,
+    #[serde(default)]
+    value_two: u64,
+    op: String,
+}
+
+fn oci_action(name: &str, errno: Option<i32>) -> Result<ScmpAction> {
+    Ok(match name {
+        "SCMP_ACT_ALLOW" => ScmpAction::Allow,
+        "SCMP_ACT_ERRNO" => ScmpAction::Errno(errno.unwrap_or(libc::EPERM)),
+        "SCMP_ACT_KILL" | "SCMP_ACT_KILL_THREAD" => ScmpAction::KillThread,
+        "SCMP_ACT_KILL_PROCESS" => ScmpAction::KillProcess,
+        "SCMP_ACT_TRAP" => ScmpAction::Trap,
+        "SCMP_ACT_LOG" => ScmpAction::Log,
+        "SCMP_ACT_TRACE" => ScmpAction::Trace(errno.unwrap_or(0) as u16),
+        other => bail!("unsupported action '{other}'"),
+    })
+}
+
+fn oci_arch(name: &str) -> Option<ScmpArch> {
+    Some(match name {
+        "SCMP_ARCH_X86_64" => ScmpArch::X8664,
+        "SCMP_ARCH_X86" => ScmpArch::X86,
+        "SCMP_ARCH_X32" => ScmpArch::X32,
+        "SCMP_ARCH_AARCH64" => ScmpArch::Aarch64,
+        "SCMP_ARCH_ARM" => ScmpArch::Arm,
+        _ => return None,
+    })
+}
+
+fn oci_profile(path: &Path) -> Result<ScmpFilterContext> {
+    let text = std::fs::read_to_string(path)?;
+    let profile: OciProfile = serde_json::from_str(&text).context("not an OCI/Docker seccomp profile")?;
+    let mut ctx = ScmpFilterContext::new(oci_action(&profile.default_action, profile.default_errno_ret)?)?;
+    let native = ScmpArch::native();
+    for arch in profile.architectures.iter().filter_map(|a| oci_arch(a)).filter(|&a| a != native) {
+        ctx.add_arch(arch)?;
+    }
+    for rule in &profile.syscalls {
+        let action = oci_action(&rule.action, rule.errno_ret)?;
+        let args = rule
+            .args
+            .iter()
+            .map(|a| {
+                let op = match a.op.as_str() {
+                    "SCMP_CMP_NE" => ScmpCompareOp::NotEqual,
+                    "SCMP_CMP_LT" => ScmpCompareOp::Less,
+                    "SCMP_CMP_LE" => ScmpCompareOp::LessOrEqual,
+                    "SCMP_CMP_EQ" => ScmpCompareOp::Equal,
+                    "SCMP_CMP_GE" => ScmpCompareOp::GreaterEqual,
+                    "SCMP_CMP_GT" => ScmpCompareOp::Greater,
+                    "SCMP_CMP_MASKED_EQ" => ScmpCompareOp::MaskedEqual(a.value),
+                    other => bail!("unsupported argument operator '{other}'"),
+                };
+                let value = if a.op == "SCMP_CMP_MASKED_EQ" { a.value_two } else { a.value };
+                Ok(ScmpArgCompare::new(a.index, op, value))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for name in &rule.names {
+            let Ok(syscall) = ScmpSyscall::from_name(name) else { continue };
+            let added = if args.is_empty() {
+                ctx.add_rule(action, syscall)
+            } else {
+                ctx.add_rule_conditional(action, syscall, &args)
+            };
+            // A rule whose action equals the default is refused by libseccomp; it changes nothing.
+            if let Err(e) = added {
+                if action != ctx.get_act_default()? {
+                    return Err(e).with_context(|| format!("rule for '{name}'"));
+                }
+            }
+        }
+    }
+    Ok(ctx)
+}

@@ -1,0 +1,208 @@
+//! The supervisor's side of a container's life: prepare everything that can be prepared
+//! before the clone (seccomp program, capability set, id range, cgroup), clone into new
+//! namespaces, map ids, release the start barrier, learn whether the payload exec'd, tell
+//! systemd, forward signals, stop it within the timeout, and clean up after it.
+
+use crate::cgroup::Cgroup;
+use crate::child::{self, Plan};
+use crate::{capabilities, idmap, log, seccomp, sys};
+use anyhow::{Context, Result};
+use gpubox_definition::{Definition, Network, UserNamespace};
+use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How the supervisor was started.
+pub struct Mode {
+    /// systemd runs us as a service (`INVOCATION_ID`), with a delegated cgroup.
+    pub systemd: bool,
+    /// Seconds between the first SIGTERM and killing the payload's cgroup.
+    pub stop_timeout: Duration,
+}
+
+impl Mode {
+    pub fn detect() -> Mode {
+        let stop = std::env::var("GPUBOX_STOP_TIMEOUT").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(10.0);
+        Mode {
+            systemd: std::env::var_os("INVOCATION_ID").is_some(),
+            stop_timeout: Duration::from_secs_f64(stop.max(0.0)),
+        }
+    }
+}
+
+const FORWARDED: &[Signal] = &[
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+];
+
+fn notify(states: &[sd_notify::NotifyState]) {
+    let _ = sd_notify::notify(false, states);
+}
+
+/// Runs the container to its end; returns the exit status to report (the payload's own,
+/// 128+signal, or 125–127 for a container that never started).
+pub fn run(d: &Definition, devices: Vec<PathBuf>, mode: &Mode) -> Result<i32> {
+    let c = &d.container;
+    let plan = Plan {
+        root_directory: c.root_directory.clone(),
+        read_only: c.read_only,
+        hostname: c.hostname.clone(),
+        binds: c.binds.clone(),
+        devices,
+        private_network: c.network == Network::None,
+        user_namespace: c.user_namespace == UserNamespace::Private,
+        user: c.user.clone(),
+        exec: c.exec.clone(),
+        working_directory: c.working_directory.clone(),
+        environment: c.environment.clone(),
+        capabilities: capabilities::for_container(c)?,
+        no_new_privileges: c.no_new_privileges,
+        seccomp: seccomp::compile(&c.seccomp)?,
+        init: c.init,
+        console: nix::unistd::ttyname(std::io::stdin().as_fd()).ok(),
+    };
+    let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
+    let cgroup = Cgroup::create(&d.name, mode.systemd)?;
+
+    let mut blocked = SigSet::empty();
+    blocked.add(Signal::SIGCHLD);
+    FORWARDED.iter().for_each(|&s| blocked.add(s));
+    signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None)?;
+    let signals = SignalFd::with_flags(&blocked, SfdFlags::SFD_CLOEXEC)?;
+
+    let (go_read, go_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut namespaces =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP;
+    if plan.user_namespace {
+        namespaces |= libc::CLONE_NEWUSER;
+    }
+    if plan.private_network {
+        namespaces |= libc::CLONE_NEWNET;
+    }
+
+    // SAFETY: the supervisor is single-threaded here; the child only runs child::run, which
+    // execs or _exits.
+    let pid = unsafe { sys::clone3(namespaces, cgroup.as_ref().map(Cgroup::fd)) }
+        .context("creating the container's namespaces")?;
+    if pid == 0 {
+        drop((go_write, err_read, signals));
+        child::run(&plan, go_read, err_write);
+    }
+    drop((go_read, err_write));
+    let child = Pid::from_raw(pid);
+    let cleanup = |cgroup: Option<Cgroup>| {
+        if let Some(cg) = cgroup {
+            cg.remove();
+        }
+    };
+
+    if let Some(ids) = &ids {
+        let map = format!("0 {} {}\n", ids.host_base, idmap::SIZE);
+        let mapped = std::fs::write(format!("/proc/{pid}/uid_map"), &map)
+            .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), &map))
+            .context("writing the user-namespace id map");
+        if let Err(e) = mapped {
+            let _ = signal::kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, None);
+            cleanup(cgroup);
+            return Err(e);
+        }
+    }
+    let mut go = File::from(go_write);
+    go.write_all(b"1").context("releasing the container")?;
+
+    // The error pipe closes on exec (success) or carries "CODE\nMESSAGE" (failure).
+    let mut report = String::new();
+    File::from(err_read).read_to_string(&mut report)?;
+    if let Some((code, message)) = report.split_once('\n') {
+        log::error(message);
+        let _ = waitpid(child, None);
+        cleanup(cgroup);
+        return Ok(code.parse().unwrap_or(child::SETUP_FAILED));
+    }
+    log::info(&format!("started {} (pid {pid})", shell_words(&d.container.exec)));
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&format!("running (payload pid {pid})"))]);
+
+    let status = wait(child, &signals, cgroup.as_ref(), mode)?;
+    drop(go);
+    let summary = match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
+        _ => "ended".into(),
+    };
+    log::info(&format!("payload {summary}"));
+    notify(&[sd_notify::NotifyState::Status(&format!("payload {summary}"))]);
+    cleanup(cgroup);
+    Ok(match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        _ => child::SETUP_FAILED,
+    })
+}
+
+/// Forwards signals until the payload ends. After SIGTERM or SIGINT, a payload still running
+/// after the stop timeout is killed, with everything in its cgroup.
+fn wait(child: Pid, signals: &SignalFd, cgroup: Option<&Cgroup>, mode: &Mode) -> Result<WaitStatus> {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let timeout = match deadline {
+            Some(d) => nix::poll::PollTimeout::try_from(d.saturating_duration_since(Instant::now()))
+                .unwrap_or(nix::poll::PollTimeout::MAX),
+            None => nix::poll::PollTimeout::NONE,
+        };
+        let mut fds = [nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(0) => {
+                log::warn(&format!("payload still running {:?} after SIGTERM; killing it", mode.stop_timeout));
+                let _ = signal::kill(child, Signal::SIGKILL);
+                if let Some(cg) = cgroup {
+                    cg.kill();
+                }
+                deadline = None;
+                continue;
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        let Some(info) = signals.read_signal()? else { continue };
+        let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else { continue };
+        if sig == Signal::SIGCHLD {
+            match waitpid(child, Some(WaitPidFlag::WNOHANG))? {
+                status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(status),
+                _ => continue,
+            }
+        }
+        let _ = signal::kill(child, sig);
+        if matches!(sig, Signal::SIGTERM | Signal::SIGINT) && deadline.is_none() {
+            notify(&[sd_notify::NotifyState::Stopping]);
+            deadline = Some(Instant::now() + mode.stop_timeout);
+        }
+    }
+}
+
+fn shell_words(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            if w.is_empty() || w.contains(|c: char| c.is_whitespace() || "'\"\\$".contains(c)) {
+                format!("{w:?}")
+            } else {
+                w.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,98 @@
+//! System calls that neither nix nor libc wrap: clone3 (for CLONE_INTO_CGROUP) and
+//! mount_setattr (recursive read-only). Each unsafe block states why it is sound.
+
+use std::io;
+use std::os::fd::RawFd;
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Forks into new namespaces, and into `cgroup` when given, so the child never runs a moment
+/// outside its cgroup. Returns 0 in the child and the child's pid in the parent, like fork.
+///
+/// # Safety
+/// Same contract as fork(2): the caller must be single-threaded, and the child must only do
+/// what is safe after fork until it execs or exits.
+pub unsafe fn clone3(namespaces: libc::c_int, cgroup: Option<RawFd>) -> io::Result<libc::pid_t> {
+    let mut args =
+        CloneArgs { flags: namespaces as u32 as u64, exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+    if let Some(fd) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd as u64;
+    }
+    // SAFETY: args is a valid clone_args of the size passed; no stack is given, so the child
+    // continues on a copy of this stack, exactly as with fork.
+    let pid = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    if pid < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(pid as libc::pid_t)
+    }
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+
+/// Sets mount attributes on `path` and, recursively, on every mount below it — which
+/// mount(MS_REMOUNT) cannot do.
+pub fn mount_setattr_recursive(path: &std::path::Path, set: u64) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: c is a valid NUL-terminated path, attr a valid mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Installs a classic BPF seccomp filter that was compiled before the clone.
+pub fn seccomp_load(program: &[u8]) -> io::Result<()> {
+    let filter = libc::sock_fprog {
+        len: (program.len() / std::mem::size_of::<libc::sock_filter>()) as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: filter points at program, which holds len whole sock_filter instructions and
+    // outlives the call; the kernel copies the program.
+    let r = unsafe {
+        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &filter as *const libc::sock_fprog)
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
