@@ -69,6 +69,9 @@ fn inside(root: &Path, path: &Path) -> PathBuf {
 
 /// Builds the file system and pivots into it. Runs in the child, in its own mount namespace.
 pub fn build(layout: &Layout) -> Result<()> {
+    // Bind sources are opened first, while the host's tree is still as the user sees it (the
+    // container's /tmp will hide the host's), and bound through /proc/self/fd later.
+    let sources = open_bind_sources(layout.binds)?;
     // Nothing mounted here may propagate back to the host.
     mnt(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_SLAVE, None)?;
 
@@ -106,8 +109,8 @@ pub fn build(layout: &Layout) -> Result<()> {
     proc(&root)?;
     sys(&root, layout.private_network)?;
     dev(&root, layout)?;
-    for b in layout.binds {
-        user_bind(&root, b)?;
+    for (b, source) in &sources {
+        user_bind(&root, b, source)?;
     }
     pivot(&root)?;
     if layout.root_directory.is_none() {
@@ -213,12 +216,23 @@ fn bind_node(host: &Path, target: &Path) -> Result<()> {
     bind(host, target, MsFlags::empty())
 }
 
-fn user_bind(root: &Path, b: &Bind) -> Result<()> {
-    let source_meta = match fs::metadata(&b.source) {
-        Ok(m) => m,
-        Err(_) if b.optional => return Ok(()),
-        Err(e) => bail!("Bind source {}: {e}", b.source.display()),
-    };
+fn open_bind_sources(binds: &[Bind]) -> Result<Vec<(&Bind, std::fs::File)>> {
+    let mut opened = Vec::new();
+    for b in binds {
+        let flags = nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC;
+        match nix::fcntl::open(&b.source, flags, nix::sys::stat::Mode::empty()) {
+            Ok(fd) => opened.push((b, std::fs::File::from(fd))),
+            Err(_) if b.optional => {}
+            Err(e) => bail!("Bind source {}: {}", b.source.display(), e.desc()),
+        }
+    }
+    Ok(opened)
+}
+
+fn user_bind(root: &Path, b: &Bind, source: &std::fs::File) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let via = PathBuf::from(format!("/proc/self/fd/{}", source.as_raw_fd()));
+    let source_meta = fs::metadata(&via).with_context(|| format!("Bind source {}", b.source.display()))?;
     let target = inside(root, &b.destination);
     if !target.exists() {
         let made = if source_meta.is_dir() {
@@ -234,7 +248,8 @@ fn user_bind(root: &Path, b: &Bind) -> Result<()> {
             )
         })?;
     }
-    bind(&b.source, &target, MsFlags::MS_REC)?;
+    mount(Some(&via), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .with_context(|| format!("binding {} to {}", b.source.display(), b.destination.display()))?;
     if b.read_only {
         sys::mount_setattr_recursive(&target, sys::MOUNT_ATTR_RDONLY)
             .with_context(|| format!("making {} read-only", b.destination.display()))?;

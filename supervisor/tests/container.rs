@@ -1,0 +1,397 @@
+//! Privileged tests: the real supervisor, real namespaces and seccomp, checked from inside the
+//! container. They need root (CI runs as root); without it they say so and pass vacuously
+//! unless GPUBOX_REQUIRE_PRIVILEGED=1, which tests/run-all sets.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SUPERVISOR: &str = env!("CARGO_BIN_EXE_gpubox-supervisor");
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("GPUBOX_REQUIRE_PRIVILEGED").is_none(), "privileged tests need root");
+    eprintln!("skipping: privileged tests need root");
+    false
+}
+
+struct Run {
+    out: String,
+    err: String,
+    code: i32,
+}
+
+fn definition(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.gpubox"));
+    fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(text: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let path = definition(dir.path(), "t", text);
+    let Output { status, stdout, stderr } = Command::new(SUPERVISOR)
+        .args(["run", "--definition"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .env_remove("INVOCATION_ID")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    Run {
+        out: String::from_utf8_lossy(&stdout).into_owned(),
+        err: String::from_utf8_lossy(&stderr).into_owned(),
+        code: status.code().unwrap_or(-1),
+    }
+}
+
+/// Runs a shell script as the payload (bound in read-only below the container's own /tmp).
+fn inside(extra: &str, script: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("test.sh");
+    fs::write(&file, script).unwrap();
+    run(&format!("[Container]\nExec=/bin/sh /tmp/test.sh\nBindReadOnly={}:/tmp/test.sh\n{extra}", file.display()))
+}
+
+fn value<'a>(r: &'a Run, key: &str) -> &'a str {
+    r.out
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::trim))
+        .unwrap_or_else(|| panic!("no {key}= in output:\n{}\nstderr:\n{}", r.out, r.err))
+}
+
+fn host_mounts() -> usize {
+    fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count()
+}
+
+fn gpubox_cgroups() -> Vec<String> {
+    let mut found = Vec::new();
+    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let Some(rel) = own.lines().find_map(|l| l.strip_prefix("0::")) else { continue };
+        let dir = Path::new(root).join(rel.trim_start_matches('/'));
+        if let Ok(entries) = fs::read_dir(&dir) {
+            // Only those whose supervisor is gone: other tests run at the same time.
+            found.extend(entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| {
+                n.starts_with("gpubox-") && !Path::new("/proc").join(n.rsplit('-').next().unwrap()).exists()
+            }));
+        }
+    }
+    found
+}
+
+#[test]
+fn defaults_hold_from_inside() {
+    if !privileged() {
+        return;
+    }
+    let r = inside(
+        "",
+        r#"
+echo pid=$$
+echo hostname=$(hostname)
+echo status=$(grep -E "^(CapBnd|CapEff|CapPrm|CapInh|CapAmb|NoNewPrivs|Seccomp):" /proc/self/status | tr -d "\t" | tr "\n" " ")
+echo uidmap=$(cat /proc/self/uid_map)
+echo gidmap=$(cat /proc/self/gid_map)
+echo dev=$(ls -A /dev | tr "\n" " ")
+echo pts=$(ls -A /dev/pts | tr "\n" " ")
+echo procs=$(ls /proc | grep -c "^[0-9]")
+echo keys=$(wc -c < /proc/keys)
+echo timer_list=$(wc -c < /proc/timer_list)
+echo firmware=$(ls -A /sys/firmware | wc -l)
+echo sysrq=$(echo h 2>/dev/null > /proc/sysrq-trigger && echo writable || echo denied)
+echo procsys=$(echo x 2>/dev/null > /proc/sys/kernel/hostname && echo writable || echo denied)
+echo hostroot=$(touch /usr/.gpubox-test 2>/dev/null && echo writable || echo denied)
+echo tmp=$(touch /tmp/x && echo writable || echo denied)
+echo sys=$(touch /sys/kernel/.x 2>/dev/null && echo writable || echo denied)
+echo mount=$(mount -t tmpfs none /tmp 2>/dev/null && echo allowed || echo denied)
+echo net=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d " " | tr "\n" " ")
+echo lo=$(cat /sys/class/net/lo/operstate)
+"#,
+    );
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(value(&r, "pid"), "1", "the payload is PID 1");
+    assert_eq!(value(&r, "hostname"), "t");
+    // Docker's default set: chown dac_override fowner fsetid kill setgid setuid setpcap
+    // net_bind_service net_raw sys_chroot mknod audit_write setfcap.
+    assert_eq!(
+        value(&r, "status"),
+        "CapInh:00000000a80425fb CapPrm:00000000a80425fb CapEff:00000000a80425fb CapBnd:00000000a80425fb CapAmb:0000000000000000 NoNewPrivs:1 Seccomp:2"
+    );
+    let uidmap: Vec<u64> = value(&r, "uidmap").split_whitespace().map(|n| n.parse().unwrap()).collect();
+    assert_eq!((uidmap[0], uidmap[2]), (0, 65536), "container root maps to 65536 host ids");
+    assert!(uidmap[1] >= 0x4000_0000, "an unprivileged host range, not host root: {uidmap:?}");
+    assert_eq!(value(&r, "gidmap"), value(&r, "uidmap"));
+    assert_eq!(value(&r, "dev"), "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero");
+    assert_eq!(value(&r, "pts"), "ptmx", "a new devpts instance");
+    assert!(value(&r, "procs").parse::<u32>().unwrap() <= 4, "host processes are invisible: {}", value(&r, "procs"));
+    assert_eq!(value(&r, "keys"), "0");
+    assert_eq!(value(&r, "timer_list"), "0");
+    assert_eq!(value(&r, "firmware"), "0");
+    assert_eq!(value(&r, "sysrq"), "denied");
+    assert_eq!(value(&r, "procsys"), "denied");
+    assert_eq!(value(&r, "hostroot"), "denied", "the host's / is read-only");
+    assert_eq!(value(&r, "tmp"), "writable", "/tmp is a private tmpfs");
+    assert_eq!(value(&r, "sys"), "denied");
+    assert_eq!(value(&r, "mount"), "denied");
+    assert_eq!(value(&r, "net"), "lo", "Network=none: only loopback");
+    assert_eq!(value(&r, "lo"), "unknown", "loopback is up (operstate of lo reads 'unknown' when up)");
+}
+
+/// x86_64 system call numbers and arguments for which an unfiltered call does not fail with
+/// EPERM, so an EPERM can only come from the filter.
+const PROBE: &str = r#"
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+calls = [("keyctl", 250, 0, -3, 0), ("add_key", 248, 0, 0, 0, 0, 0), ("perf_event_open", 298, 0, 0, 0, 0, 0),
+         ("bpf", 321, 0, 0, 0), ("fsopen", 430, 0, 0), ("open_tree", 428, -1, 0, 0), ("mount", 165, 0, 0, 0, 0, 0),
+         ("clock_settime", 227, 0, 0), ("ptrace", 101, 0, 0, 0, 0), ("userfaultfd", 323, 0),
+         ("open_by_handle_at", 304, -1, 0, 0), ("init_module", 175, 0, 0, 0), ("kexec_load", 246, 0, 0, 0, 0),
+         ("swapon", 167, 0, 0), ("reboot", 169, 0, 0, 0, 0), ("unshare", 272, 0x10000000)]
+for name, nr, *args in calls:
+    r = libc.syscall(nr, *[ctypes.c_long(a) for a in args])
+    print(name + "=" + ("ok" if r >= 0 else errno.errorcode[ctypes.get_errno()]))
+"#;
+
+#[test]
+fn seccomp_denies_with_eperm() {
+    if !privileged() || !cfg!(target_arch = "x86_64") {
+        return;
+    }
+    let probe = |extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("probe.py"), PROBE).unwrap();
+        let r = run(&format!(
+            "[Container]\nExec=/usr/bin/python3 /tmp/probe.py\nBindReadOnly={}:/tmp/probe.py\n{extra}",
+            dir.path().join("probe.py").display()
+        ));
+        assert_eq!(r.code, 0, "{}", r.err);
+        r
+    };
+    let confined = probe("");
+    let unconfined = probe("Seccomp=unconfined\n");
+    for name in [
+        "keyctl",
+        "add_key",
+        "perf_event_open",
+        "bpf",
+        "fsopen",
+        "open_tree",
+        "mount",
+        "clock_settime",
+        "ptrace",
+        "userfaultfd",
+        "open_by_handle_at",
+        "init_module",
+        "kexec_load",
+        "swapon",
+        "reboot",
+        "unshare",
+    ] {
+        assert_eq!(value(&confined, name), "EPERM", "{name} under the default profile");
+    }
+    // Where the kernel itself answers something else, the EPERM above came from the filter.
+    for name in ["keyctl", "add_key", "perf_event_open", "clock_settime", "ptrace", "unshare"] {
+        assert_ne!(value(&unconfined, name), "EPERM", "{name} unconfined");
+    }
+}
+
+#[test]
+fn oci_seccomp_profile_is_applied() {
+    if !privileged() || !cfg!(target_arch = "x86_64") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.json");
+    fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","architectures":["SCMP_ARCH_X86_64","SCMP_ARCH_X86"],
+            "syscalls":[{"names":["uname"],"action":"SCMP_ACT_ERRNO","errnoRet":38}]}"#,
+    )
+    .unwrap();
+    let r = inside(&format!("Seccomp={}\n", profile.display()), "uname -s; echo code=$?");
+    assert_eq!(value(&r, "code"), "1", "uname(2) is denied by the profile: {}", r.err);
+    assert!(r.err.contains("Function not implemented"), "{}", r.err);
+}
+
+#[test]
+fn capabilities_and_user_are_adjustable() {
+    if !privileged() {
+        return;
+    }
+    let r = inside(
+        "AddCapability=CAP_SYS_NICE\nDropCapability=NET_RAW MKNOD\n",
+        "echo bnd=$(grep CapBnd /proc/self/status | cut -f2)",
+    );
+    const NET_RAW: u64 = 1 << 13;
+    const SYS_NICE: u64 = 1 << 23;
+    const MKNOD: u64 = 1 << 27;
+    assert_eq!(value(&r, "bnd"), format!("{:016x}", (0xa80425fb | SYS_NICE) & !NET_RAW & !MKNOD), "{}", r.err);
+    let r = inside("DropCapability=all\n", "echo bnd=$(grep CapBnd /proc/self/status | cut -f2)");
+    assert_eq!(value(&r, "bnd"), "0000000000000000");
+    let r = inside("User=65534:65534\n", "echo id=$(id -u):$(id -g) eff=$(grep CapEff /proc/self/status | cut -f2)");
+    assert_eq!(value(&r, "id"), "65534:65534 eff=0000000000000000");
+    let r = inside(
+        "UserNamespace=host\nNoNewPrivileges=no\n",
+        "echo map=$(cat /proc/self/uid_map) nnp=$(grep NoNewPrivs /proc/self/status | cut -f2)",
+    );
+    assert_eq!(value(&r, "map"), "0 0 4294967295 nnp=0");
+}
+
+#[test]
+fn binds_root_directory_and_read_only() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (rw, ro) = (dir.path().join("rw"), dir.path().join("ro"));
+    fs::create_dir_all(&rw).unwrap();
+    fs::create_dir_all(&ro).unwrap();
+    fs::write(ro.join("file"), "data").unwrap();
+    // The container's root is mapped to an unprivileged host id: let it write here.
+    nix::unistd::chown(&rw, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    fs::set_permissions(&rw, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let r = inside(
+        &format!("Bind={}:/mnt\nBindReadOnly={}:/media\nBind=-/nonexistent/source:/srv\n", rw.display(), ro.display()),
+        "echo rw=$(echo hi > /mnt/out && echo ok); echo ro=$(cat /media/file; echo x > /media/file 2>/dev/null && echo writable || echo denied)",
+    );
+    assert_eq!(value(&r, "rw"), "ok", "{}", r.err);
+    assert_eq!(value(&r, "ro"), "datadenied");
+    assert_eq!(fs::read_to_string(rw.join("out")).unwrap(), "hi\n");
+
+    // A root file system of our own: busybox, with ReadOnly=yes.
+    let root = dir.path().join("root");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    for d in ["proc", "sys", "dev", "tmp"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (tests/install-deps installs busybox-static)");
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    let r = run(&format!(
+        "[Container]\nRootDirectory={}\nReadOnly=yes\nExec=/bin/busybox sh -c 'echo files=$(/bin/busybox ls /bin | /bin/busybox tr \"\\n\" \" \"); /bin/busybox touch /x 2>/dev/null || echo ro=denied'\n",
+        root.display()
+    ));
+    assert_eq!(value(&r, "files"), "busybox sh", "{}", r.err);
+    assert_eq!(value(&r, "ro"), "denied");
+}
+
+#[test]
+fn exit_status_and_signals_propagate() {
+    if !privileged() {
+        return;
+    }
+    assert_eq!(inside("", "exit 7").code, 7);
+    // Init=yes: the shell is not PID 1, so it can die of its own SIGTERM.
+    assert_eq!(inside("Init=yes\n", "kill -TERM $$; sleep 5").code, 143);
+
+    let dir = tempfile::tempdir().unwrap();
+    let start = |text: &str, timeout: &str| {
+        Command::new(SUPERVISOR)
+            .args(["run", "--definition"])
+            .arg(definition(dir.path(), "sig", text))
+            .env("GPUBOX_STOP_TIMEOUT", timeout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let stop = |child: std::process::Child| {
+        std::thread::sleep(Duration::from_millis(300));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        let t = Instant::now();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code().unwrap(), t.elapsed(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // SIGTERM is forwarded; the init passes it to the payload.
+    let (code, _, _) = stop(start("[Container]\nExec=sleep 30\nInit=yes\n", "10"));
+    assert_eq!(code, 143);
+    // A PID 1 without a SIGTERM handler ignores it: killed after the stop timeout.
+    let (code, took, err) = stop(start("[Container]\nExec=sleep 30\n", "0.5"));
+    assert_eq!(code, 137, "{err}");
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(5), "{took:?}");
+    assert!(err.contains("killing it"), "{err}");
+}
+
+#[test]
+fn failures_are_clear_and_leave_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    let mounts = host_mounts();
+    let r = run("[Container]\nExec=/no/such/program\n");
+    assert_eq!(r.code, 127);
+    assert!(r.err.contains("cannot execute /no/such/program: No such file or directory"), "{}", r.err);
+    let r = run("[Container]\nExec=no-such-program\n");
+    assert_eq!(r.code, 127);
+    assert!(r.err.contains("cannot execute no-such-program: not found in PATH="), "{}", r.err);
+    let r = run("[Container]\nExec=/bin/true\nWorkingDirectory=/no/such/dir\n");
+    assert_eq!(r.code, 125);
+    assert!(r.err.contains("WorkingDirectory=/no/such/dir: ENOENT"), "{}", r.err);
+    let r = run("[Container]\nExec=/bin/true\nRootDirectory=/no/such/root\n");
+    assert_eq!(r.code, 125);
+    assert!(r.err.contains("RootDirectory=/no/such/root is not a directory"), "{}", r.err);
+    let r = run("[Container]\nExec=/bin/true\nBind=/no/such/source:/mnt\n");
+    assert_eq!(r.code, 125);
+    assert!(r.err.contains("Bind source /no/such/source"), "{}", r.err);
+    let r = run("[Container]\nExec=/bin/true\nUser=nosuchuser\n");
+    assert_eq!(r.code, 125);
+    assert!(r.err.contains("User=nosuchuser: no such user"), "{}", r.err);
+    let r = run("[Container]\nExec=/bin/true\nNetwork=bridge\n");
+    assert_eq!(r.code, 125);
+    assert!(r.err.contains("t.gpubox:3: [Container] Network=: expected one of none, host"), "{}", r.err);
+    assert_eq!(host_mounts(), mounts, "no mount leaked to the host");
+    assert_eq!(gpubox_cgroups(), Vec::<String>::new(), "no cgroup left behind");
+}
+
+#[test]
+fn sigkill_of_the_supervisor_takes_the_payload_with_it() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = definition(dir.path(), "orphan", "[Container]\nExec=/bin/sh -c 'sleep 300 & sleep 300'\n");
+    let mut sup =
+        Command::new(SUPERVISOR).args(["run", "--definition"]).arg(&path).stderr(Stdio::null()).spawn().unwrap();
+    let sup_pid = sup.id();
+    let payload = (0..100)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            let kids = fs::read_to_string(format!("/proc/{sup_pid}/task/{sup_pid}/children")).unwrap_or_default();
+            kids.split_whitespace().next().map(str::to_owned)
+        })
+        .expect("the payload started");
+    sup.kill().unwrap();
+    sup.wait().unwrap();
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{payload}")).exists() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!Path::new(&format!("/proc/{payload}")).exists(), "payload {payload} outlived its supervisor");
+    // The id-range reservation died with the process; the empty cgroup goes at the next start.
+    assert_eq!(run("[Container]\nExec=/bin/true\n").code, 0);
+    assert_eq!(gpubox_cgroups(), Vec::<String>::new(), "the SIGKILLed supervisor's cgroup was swept");
+}
+
+#[test]
+fn concurrent_containers_get_distinct_id_ranges() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |name: &str| {
+        // The same name twice: the second must not get the first one's range.
+        Command::new(SUPERVISOR)
+            .args(["run", "--definition"])
+            .arg(definition(dir.path(), name, "[Container]\nExec=/bin/sh -c 'cat /proc/self/uid_map; sleep 1'\n"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("same"), spawn("same"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let base = |o: &Output| String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1).unwrap().to_owned();
+    assert_ne!(base(&a), base(&b));
+}
