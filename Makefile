@@ -13,7 +13,7 @@ TARGET_DIR ?= target
 BINARIES = gpubox-supervisor gpuboxctl gpubox-generator
 DOCS = README.md $(wildcard docs/*.md)
 
-.PHONY: all build install uninstall check test demo bench vm-shell clean
+.PHONY: all build install uninstall check test demo clean
 
 all: build
 
@@ -46,3 +46,9 @@ check test:
 
 clean:
 	$(CARGO) clean
+
+# The README's first command: build, then run a real container with whatever GPUs the host has.
+demo:
+	tests/install-deps
+	$(CARGO) build --release --locked -p gpubox-supervisor
+	$(TARGET_DIR)/release/gpubox-supervisor run --definition examples/hello.gpubox

@@ -75,9 +75,16 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
         Target::Name(name) => SearchPath::from_env().load(name)?,
         Target::File(file) => Sources::from_file(file)?.load()?,
     };
+    // GPU discovery and passthrough come with the devices crate; until then only optional
+    // selectors are accepted, and they match nothing.
     let devices = Vec::new();
-    if !definition.gpu.devices.is_empty() && !definition.gpu.optional {
-        bail!("[GPU] Device= is not supported by this build yet");
+    if !definition.gpu.devices.is_empty() {
+        if !definition.gpu.optional {
+            bail!(
+                "[GPU] Device= needs GPU passthrough, which this build does not have yet (Optional=yes runs without)"
+            );
+        }
+        log::warn("GPU passthrough is not in this build yet: starting without GPUs (Optional=yes)");
     }
     supervise::run(&definition, devices, mode).context("running the container")
 }

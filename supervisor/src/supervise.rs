@@ -132,7 +132,7 @@ pub fn run(d: &Definition, devices: Vec<PathBuf>, mode: &Mode) -> Result<i32> {
         cleanup(cgroup);
         return Ok(code.parse().unwrap_or(child::SETUP_FAILED));
     }
-    log::info(&format!("started {} (pid {pid})", shell_words(&d.container.exec)));
+    log::info(&format!("started {} (pid {pid})", summary(&d.container.exec)));
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&format!("running (payload pid {pid})"))]);
 
     let status = wait(child, &signals, cgroup.as_ref(), mode)?;
@@ -193,8 +193,9 @@ fn wait(child: Pid, signals: &SignalFd, cgroup: Option<&Cgroup>, mode: &Mode) ->
     }
 }
 
-fn shell_words(words: &[String]) -> String {
-    words
+/// The command line for a log line: quoted where needed, shortened when long.
+fn summary(words: &[String]) -> String {
+    let quoted: Vec<String> = words
         .iter()
         .map(|w| {
             if w.is_empty() || w.contains(|c: char| c.is_whitespace() || "'\"\\$".contains(c)) {
@@ -203,6 +204,10 @@ fn shell_words(words: &[String]) -> String {
                 w.clone()
             }
         })
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect();
+    let line = quoted.join(" ");
+    match line.char_indices().nth(100) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    }
 }
