@@ -1,7 +1,7 @@
 //! Golden files, as Quadlet tests its generator: each case in `tests/generator/CASE/` holds
 //! definitions (`etc/`, `run/`, `usr/`, or the dirs listed in `search-path`), the exact output
 //! tree the generator must write (`expected/`, links included), and `expected-log`, the exact
-//! lines it must log. `@ROOT@` stands for the case's directory. `UPDATE_GOLDEN=1` rewrites the
+//! lines it must log. `@ROOT@` stands for the case's directory, `@REPO@` for the repository's. `UPDATE_GOLDEN=1` rewrites the
 //! expectations from the current output, for review with `git diff`.
 //!
 //! Every unit the generator writes is also checked by the real `systemd-analyze verify`, with
