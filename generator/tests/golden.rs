@@ -93,9 +93,10 @@ fn generator_output_matches_golden_files() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("normal");
         let root = case.display().to_string();
-        let log = generate(&case, &out).replace(&root, "@ROOT@");
-        let actual: BTreeMap<String, String> =
-            read_tree(&out).into_iter().map(|(k, v)| (k, v.replace(&root, "@ROOT@"))).collect();
+        let repo = cases_dir().join("../..").canonicalize().unwrap().display().to_string();
+        let placeholders = |text: String| text.replace(&root, "@ROOT@").replace(&repo, "@REPO@");
+        let log = placeholders(generate(&case, &out));
+        let actual: BTreeMap<String, String> = read_tree(&out).into_iter().map(|(k, v)| (k, placeholders(v))).collect();
         if update {
             write_tree(&case.join("expected"), &actual);
             fs::write(case.join("expected-log"), &log).unwrap();
