@@ -24,7 +24,8 @@ pub struct Cgroup {
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
 fn cgroup2_mount() -> Option<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
+    // The last one: a later mount may hide an earlier one (cgroup2 mounted over a v1 tree).
+    mountinfo.lines().rev().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mount_point = left.split_whitespace().nth(4)?;
         (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
@@ -40,13 +41,21 @@ fn own_cgroup(mount: &Path) -> Option<PathBuf> {
 impl Cgroup {
     /// Sets up the payload's cgroup; `Ok(None)` with a warning logged when cgroup v2 is not
     /// writable here (standalone only; under systemd it is an error).
-    pub fn create(name: &str, delegated: bool) -> Result<Option<Cgroup>> {
-        let Some(mount) = cgroup2_mount() else {
+    pub fn create(name: &str, under_systemd: bool) -> Result<Option<Cgroup>> {
+        let mount = cgroup2_mount();
+        let own = mount.as_deref().and_then(own_cgroup);
+        // systemd marks a cgroup it delegates with trusted.delegate=1; a process that merely
+        // inherited INVOCATION_ID from a service must not carve up that service's cgroup.
+        let delegated = under_systemd && own.as_deref().is_some_and(is_delegated);
+        if under_systemd && !delegated {
+            log::warn("started by systemd without a delegated cgroup (Delegate=yes): using a cgroup of our own");
+        }
+        let Some(_) = mount else {
             anyhow::ensure!(!delegated, "cgroup v2 is not mounted, but systemd delegated a cgroup");
             log::warn("cgroup v2 is not mounted: the container runs without a cgroup of its own");
             return Ok(None);
         };
-        let own = own_cgroup(&mount).context("reading /proc/self/cgroup")?;
+        let own = own.context("reading /proc/self/cgroup")?;
         if delegated {
             let leaf = own.join("supervisor");
             mkdir(&leaf)?;
@@ -71,7 +80,15 @@ impl Cgroup {
     pub fn fd(&self) -> i32 {
         self.payload_fd.as_raw_fd()
     }
+}
 
+impl AsRawFd for Cgroup {
+    fn as_raw_fd(&self) -> i32 {
+        self.payload_fd.as_raw_fd()
+    }
+}
+
+impl Cgroup {
     /// Kills every process left in the payload cgroup and waits until it is empty.
     pub fn kill(&self) {
         let _ = fs::write(self.payload.join("cgroup.kill"), "1");
@@ -92,6 +109,15 @@ impl Cgroup {
             }
         }
     }
+}
+
+fn is_delegated(cgroup: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(cgroup.as_os_str().as_encoded_bytes()) else { return false };
+    let mut value = [0u8; 8];
+    // SAFETY: path is NUL-terminated; value is a buffer of the length passed.
+    let n =
+        unsafe { libc::getxattr(path.as_ptr(), c"trusted.delegate".as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+    n > 0 && value[..n as usize] == *b"1"
 }
 
 fn populated(cgroup: &Path) -> bool {

@@ -23,7 +23,8 @@ pub struct Plan {
     pub read_only: bool,
     pub hostname: String,
     pub binds: Vec<Bind>,
-    pub devices: Vec<PathBuf>,
+    /// (staging node, path inside) for every selected device node.
+    pub devices: Vec<(PathBuf, PathBuf)>,
     pub private_network: bool,
     pub user_namespace: bool,
     pub user: Option<User>,

@@ -4,6 +4,8 @@
 mod capabilities;
 mod cgroup;
 mod child;
+mod devcgroup;
+mod devices;
 mod idmap;
 mod log;
 mod rootfs;
@@ -75,16 +77,12 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
         Target::Name(name) => SearchPath::from_env().load(name)?,
         Target::File(file) => Sources::from_file(file)?.load()?,
     };
-    // GPU discovery and passthrough come with the devices crate; until then only optional
-    // selectors are accepted, and they match nothing.
-    let devices = Vec::new();
-    if !definition.gpu.devices.is_empty() {
-        if !definition.gpu.optional {
-            bail!(
-                "[GPU] Device= needs GPU passthrough, which this build does not have yet (Optional=yes runs without)"
-            );
-        }
-        log::warn("GPU passthrough is not in this build yet: starting without GPUs (Optional=yes)");
-    }
-    supervise::run(&definition, devices, mode).context("running the container")
+    let selection = if definition.gpu.devices.is_empty() {
+        gpubox_devices::Selection::default()
+    } else {
+        let inventory = gpubox_devices::Inventory::discover();
+        gpubox_devices::select(&inventory, &definition.gpu.devices, definition.gpu.optional)
+            .map_err(anyhow::Error::msg)?
+    };
+    supervise::run(&definition, &selection, mode).context("running the container")
 }

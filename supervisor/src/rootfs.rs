@@ -16,8 +16,8 @@ pub struct Layout<'a> {
     pub root_directory: Option<&'a Path>,
     pub read_only: bool,
     pub binds: &'a [Bind],
-    /// Host device nodes that appear at the same path inside.
-    pub devices: &'a [PathBuf],
+    /// Device nodes: (staging node made for this container, path inside).
+    pub devices: &'a [(PathBuf, PathBuf)],
     /// A new network namespace (sysfs can be mounted fresh), rather than the host's.
     pub private_network: bool,
     /// The supervisor's terminal, bound at `/dev/console`.
@@ -201,8 +201,8 @@ fn dev(root: &Path, layout: &Layout) -> Result<()> {
     ] {
         symlink(target, dev.join(link))?;
     }
-    for device in layout.devices {
-        bind_node(device, &inside(root, device))?;
+    for (source, path) in layout.devices {
+        bind_node(source, &inside(root, path))?;
     }
     Ok(())
 }

@@ -5,9 +5,11 @@
 
 use crate::cgroup::Cgroup;
 use crate::child::{self, Plan};
-use crate::{capabilities, idmap, log, seccomp, sys};
+use crate::devices::{Access, Staging};
+use crate::{capabilities, devcgroup, idmap, log, seccomp, sys};
 use anyhow::{Context, Result};
-use gpubox_definition::{Definition, Network, UserNamespace};
+use gpubox_definition::{Bind, Definition, Network, UserNamespace};
+use gpubox_devices::Selection;
 use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -15,7 +17,6 @@ use nix::unistd::Pid;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// How the supervisor was started.
@@ -52,28 +53,79 @@ fn notify(states: &[sd_notify::NotifyState]) {
 
 /// Runs the container to its end; returns the exit status to report (the payload's own,
 /// 128+signal, or 125–127 for a container that never started).
-pub fn run(d: &Definition, devices: Vec<PathBuf>, mode: &Mode) -> Result<i32> {
+pub fn run(d: &Definition, selection: &Selection, mode: &Mode) -> Result<i32> {
     let c = &d.container;
+    let mut environment = c.environment.clone();
+    for (k, v) in &selection.env {
+        environment.retain(|(n, _)| n != k);
+        environment.push((k.clone(), v.clone()));
+    }
+    let mut binds = c.binds.clone();
+    binds.extend(selection.mounts.iter().map(|m| Bind {
+        source: m.host_path.clone(),
+        destination: m.container_path.clone(),
+        read_only: m.options.iter().any(|o| o == "ro"),
+        optional: false,
+    }));
     let plan = Plan {
         root_directory: c.root_directory.clone(),
         read_only: c.read_only,
         hostname: c.hostname.clone(),
-        binds: c.binds.clone(),
-        devices,
+        binds,
+        devices: Vec::new(),
         private_network: c.network == Network::None,
         user_namespace: c.user_namespace == UserNamespace::Private,
         user: c.user.clone(),
         exec: c.exec.clone(),
         working_directory: c.working_directory.clone(),
-        environment: c.environment.clone(),
+        environment,
         capabilities: capabilities::for_container(c)?,
         no_new_privileges: c.no_new_privileges,
         seccomp: seccomp::compile(&c.seccomp)?,
         init: c.init,
         console: nix::unistd::ttyname(std::io::stdin().as_fd()).ok(),
     };
+    let mut plan = plan;
     let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
+    let staging = match selection.nodes.is_empty() {
+        true => None,
+        false => Some(Staging::new(&d.name, ids.as_ref().map_or(0, |i| i.host_base))?),
+    };
+    let result = run_staged(d, &mut plan, selection, staging.as_ref(), ids.as_ref(), mode);
+    if let Some(s) = staging {
+        s.remove();
+    }
+    result
+}
+
+fn run_staged(
+    d: &Definition,
+    plan: &mut Plan,
+    selection: &Selection,
+    staging: Option<&Staging>,
+    ids: Option<&idmap::IdRange>,
+    mode: &Mode,
+) -> Result<i32> {
+    if let Some(staging) = staging {
+        for node in &selection.nodes {
+            let source = staging.stage(node, Access::default())?;
+            plan.devices.push((source, node.path.clone()));
+        }
+        log::info(&format!("devices: {}", selection.names.join(", ")));
+    }
     let cgroup = Cgroup::create(&d.name, mode.systemd)?;
+    if let Some(cg) = &cgroup {
+        let mut allowed = devcgroup::STANDARD.to_vec();
+        allowed.extend(selection.nodes.iter().map(|n| (n.major, Some(n.minor))));
+        if let Some(console) = plan.console.as_ref().and_then(|c| gpubox_devices::Node::stat(c.clone())) {
+            allowed.push((console.major, Some(console.minor)));
+        }
+        if let Err(e) = devcgroup::restrict(cg, &allowed) {
+            cg_cleanup(cgroup);
+            return Err(e);
+        }
+    }
+    let plan = &*plan;
 
     let mut blocked = SigSet::empty();
     blocked.add(Signal::SIGCHLD);
@@ -98,17 +150,13 @@ pub fn run(d: &Definition, devices: Vec<PathBuf>, mode: &Mode) -> Result<i32> {
         .context("creating the container's namespaces")?;
     if pid == 0 {
         drop((go_write, err_read, signals));
-        child::run(&plan, go_read, err_write);
+        child::run(plan, go_read, err_write);
     }
     drop((go_read, err_write));
     let child = Pid::from_raw(pid);
-    let cleanup = |cgroup: Option<Cgroup>| {
-        if let Some(cg) = cgroup {
-            cg.remove();
-        }
-    };
+    let cleanup = cg_cleanup;
 
-    if let Some(ids) = &ids {
+    if let Some(ids) = ids {
         let map = format!("0 {} {}\n", ids.host_base, idmap::SIZE);
         let mapped = std::fs::write(format!("/proc/{pid}/uid_map"), &map)
             .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), &map))
@@ -150,6 +198,12 @@ pub fn run(d: &Definition, devices: Vec<PathBuf>, mode: &Mode) -> Result<i32> {
         WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
         _ => child::SETUP_FAILED,
     })
+}
+
+fn cg_cleanup(cgroup: Option<Cgroup>) {
+    if let Some(cg) = cgroup {
+        cg.remove();
+    }
 }
 
 /// Forwards signals until the payload ends. After SIGTERM or SIGINT, a payload still running

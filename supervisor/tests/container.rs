@@ -395,3 +395,28 @@ fn concurrent_containers_get_distinct_id_ranges() {
     let base = |o: &Output| String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1).unwrap().to_owned();
     assert_ne!(base(&a), base(&b));
 }
+
+#[test]
+fn device_cgroup_denies_a_node_that_was_not_selected() {
+    if !privileged() {
+        return;
+    }
+    // /dev/fuse's numbers: opening it has no side effects, and mode 0666 lets anyone try.
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("fuse");
+    nix::sys::stat::mknod(
+        &node,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(10, 229),
+    )
+    .unwrap();
+    fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let script = "if (exec 3<> /tmp/fuse); then echo open=yes; else echo open=no; fi";
+    let r = inside(&format!("UserNamespace=host\nBind={}:/tmp/fuse\n", node.display()), script);
+    assert_eq!(value(&r, "open"), "no", "{}", r.err);
+    // Root with a mode-0666 node: only the device cgroup can say no, and it says EPERM.
+    assert!(r.err.contains("Operation not permitted"), "denied by the device cgroup: {}", r.err);
+    let r = inside(&format!("Bind={}:/tmp/fuse\n", node.display()), script);
+    assert_eq!(value(&r, "open"), "no", "{}", r.err);
+}

@@ -1,0 +1,92 @@
+//! Device nodes for the container. A host node bound into a user namespace keeps its host
+//! owner, so container root gets EACCES, and a node made with mknod inside a user namespace
+//! cannot be opened. What works is LXD's way: the supervisor, still privileged in the host's
+//! user namespace, makes a staging node with the container's owner and mode on a tmpfs of
+//! its own, and the child binds that into `/dev`.
+//!
+//! The staging tmpfs lives in the supervisor's private mount namespace (a slave of the host's),
+//! at `/run/gpubox/NAME/devices`: the host sees an empty directory and nothing is left
+//! mounted, whatever way the supervisor ends.
+
+use anyhow::{Context, Result};
+use gpubox_devices::Node;
+use nix::mount::{mount, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use std::path::{Path, PathBuf};
+
+/// Who owns a node inside the container, and its mode (LXD's `gpu` device defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access { uid: 0, gid: 0, mode: 0o660 }
+    }
+}
+
+pub struct Staging {
+    dir: PathBuf,
+    /// Host ids of the container's uid 0 / gid 0 (0 without a user namespace).
+    host_base: u32,
+    created: Vec<PathBuf>,
+}
+
+impl Staging {
+    /// Moves the supervisor into a private mount namespace and mounts the staging tmpfs.
+    pub fn new(name: &str, host_base: u32) -> Result<Staging> {
+        let run = Path::new("/run/gpubox").join(name);
+        let dir = run.join("devices");
+        let mut created = Vec::new();
+        for d in [Path::new("/run/gpubox"), &run, &dir] {
+            if !d.exists() {
+                std::fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
+                created.push(d.to_owned());
+            }
+        }
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+            .context("a private mount namespace for the supervisor")?;
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+            .context("making the supervisor's mounts private")?;
+        mount(Some("gpubox-devices"), &dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755"))
+            .with_context(|| format!("mounting the device staging tmpfs on {}", dir.display()))?;
+        created.reverse();
+        Ok(Staging { dir, host_base, created })
+    }
+
+    /// Makes the staging node for `node`, owned as `access` says in the container's terms;
+    /// returns its path, for the child to bind.
+    pub fn stage(&self, node: &Node, access: Access) -> Result<PathBuf> {
+        let file = node.path.to_string_lossy().trim_start_matches('/').replace('/', "-");
+        let source = self.dir.join(file);
+        let _ = std::fs::remove_file(&source);
+        mknod(
+            &source,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(access.mode),
+            makedev(node.major as u64, node.minor as u64),
+        )
+        .with_context(|| format!("creating the staging node for {}", node.path.display()))?;
+        // mknod applies the umask; the mode must be exactly what was asked for.
+        std::fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(access.mode))?;
+        let owner = |id: u32| nix::unistd::Uid::from_raw(self.host_base + id);
+        nix::unistd::chown(
+            &source,
+            Some(owner(access.uid)),
+            Some(nix::unistd::Gid::from_raw(self.host_base + access.gid)),
+        )
+        .with_context(|| format!("setting the owner of {}", node.path.display()))?;
+        Ok(source)
+    }
+
+    /// Removes the directories we made on the host (the tmpfs goes with our namespace).
+    pub fn remove(self) {
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        for d in &self.created {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
