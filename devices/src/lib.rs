@@ -6,7 +6,7 @@
 pub mod cdi;
 mod drm;
 mod nvidia;
-mod select;
+pub mod select;
 
 pub use select::{select, Selection};
 

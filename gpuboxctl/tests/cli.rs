@@ -1,0 +1,57 @@
+//! gpuboxctl as a person or a script uses it: output, `--json`, exit codes.
+
+use std::process::Command;
+
+const CTL: &str = env!("CARGO_BIN_EXE_gpuboxctl");
+
+fn ctl(args: &[&str], definitions: &str) -> (i32, String) {
+    let out = Command::new(CTL)
+        .args(args)
+        .env("GPUBOX_DEFINITIONS_PATH", definitions)
+        .env("GPUBOX_CDI_DIRS", "/nonexistent")
+        .env("GPUBOX_NVML_LIBRARY", "/nonexistent/libnvidia-ml.so.1")
+        .output()
+        .unwrap();
+    (out.status.code().unwrap(), String::from_utf8(out.stdout).unwrap())
+}
+
+fn repo(path: &str) -> String {
+    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn validate_reports_each_definition_and_fails_on_any_error() {
+    let (code, out) = ctl(&["validate"], &repo("tests/generator/bad-among-good/etc"));
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("bad-value.gpubox:3: [Container] Network=: expected one of none, host, found 'bridge'"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("ok ") && l.ends_with("good.gpubox")), "{out}");
+    let (code, out) =
+        ctl(&["validate", &repo("examples/train.gpubox"), &repo("examples/inference.gpubox")], "/nonexistent");
+    assert_eq!((code, out.lines().count()), (0, 2), "{out}");
+    let (code, out) = ctl(&["validate", "--json"], &repo("tests/generator/bad-among-good/etc"));
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(code, 1);
+    assert_eq!(list.as_array().unwrap().iter().filter(|v| v["ok"] == true).count(), 1);
+}
+
+#[test]
+fn devices_says_cleanly_when_nvml_is_absent() {
+    let (code, out) = ctl(&["devices"], "/nonexistent");
+    assert_eq!(code, 0);
+    let nvml: Vec<&str> = out.lines().filter(|l| l.starts_with("nvml:")).collect();
+    assert_eq!(nvml.len(), 1, "one clear line: {out}");
+    assert!(nvml[0].starts_with("nvml: not available: NVML unavailable"), "{out}");
+    let (code, out) = ctl(&["devices", "--json"], "/nonexistent");
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let nvml = v["backends"].as_array().unwrap().iter().find(|b| b["name"] == "nvml").unwrap();
+    assert!(nvml["absent"].as_str().unwrap().contains("NVML unavailable"));
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    assert_eq!(ctl(&["frobnicate"], "/nonexistent").0, 2);
+}
