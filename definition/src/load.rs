@@ -65,6 +65,9 @@ impl SearchPath {
             for entry in read_dir_sorted(dir)? {
                 let file_name = entry.file_name().and_then(OsStr::to_str).unwrap_or_default();
                 if let Some(name) = file_name.strip_suffix(SUFFIX) {
+                    if entry.is_dir() {
+                        continue;
+                    }
                     mains.entry(name.to_owned()).or_insert(entry);
                 } else if let Some(name) = file_name.strip_suffix(".gpubox.d") {
                     dropin_dirs.entry(name.to_owned()).or_default().push(entry);
@@ -147,8 +150,10 @@ fn sources(name: String, main: PathBuf, dropin_dirs: &[PathBuf]) -> Result<Sourc
     Ok(Sources { name, main, dropins, masked })
 }
 
+/// As for systemd units: a link to /dev/null, or an empty file.
 fn is_masked(path: &Path) -> bool {
     fs::read_link(path).is_ok_and(|target| target == Path::new("/dev/null"))
+        || fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0)
 }
 
 /// A directory's entries, sorted; a missing directory is empty, not an error.

@@ -114,7 +114,7 @@ impl Container {
             working_directory: None,
             environment: Vec::new(),
             user: None,
-            hostname: name.to_owned(),
+            hostname: default_hostname(name),
             user_namespace: UserNamespace::Private,
             network: Network::None,
             read_only: false,
@@ -144,6 +144,11 @@ const MANAGED_SERVICE_KEYS: &[(&str, &str)] = &[
     ("RootImage", "use [Container] RootDirectory="),
     ("PrivateUsers", "use [Container] UserNamespace="),
     ("PrivateDevices", "use [GPU] Device="),
+    ("CapabilityBoundingSet", "the supervisor needs its capabilities; use [Container] AddCapability=/DropCapability="),
+    ("RestrictNamespaces", "the supervisor creates the container's namespaces"),
+    ("SystemCallFilter", "the supervisor needs mount and clone; use [Container] Seccomp="),
+    ("ProtectControlGroups", "the supervisor writes its delegated cgroup"),
+    ("PrivateMounts", "the supervisor manages the container's mounts"),
 ];
 
 pub(crate) fn build(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> Result<Definition, Error> {
@@ -308,7 +313,7 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
         }
         ("Container", "User") => c.user = if empty { None } else { Some(parse_user(k)?) },
         ("Container", "Hostname") => {
-            let h = if empty { d.name.clone() } else { k.word()? };
+            let h = if empty { default_hostname(&d.name) } else { k.word()? };
             if !is_hostname(&h) {
                 return Err(
                     k.error(format!("'{h}' is not a valid hostname (letters, digits, '-' and '.', at most 64)"))
@@ -355,15 +360,16 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
             }
         }
         ("Container", "Seccomp") => {
-            c.seccomp = match a.value.as_str() {
+            let word = if empty { String::new() } else { k.word()? };
+            c.seccomp = match word.as_str() {
                 "" | "default" => Seccomp::Default,
                 "unconfined" => Seccomp::Unconfined,
-                _ => Seccomp::Profile(k.absolute_path(&k.word()?).map_err(|_| {
-                    k.error(format!(
-                        "expected 'default', 'unconfined' or an absolute path to a JSON profile, found '{}'",
-                        a.value
-                    ))
-                })?),
+                path if path.starts_with('/') => Seccomp::Profile(k.absolute_path(path)?),
+                other => {
+                    return Err(k.error(format!(
+                        "expected 'default', 'unconfined' or an absolute path to a JSON profile, found '{other}'"
+                    )))
+                }
             }
         }
         ("Container", "NoNewPrivileges") => c.no_new_privileges = empty || k.boolean()?,
@@ -521,6 +527,19 @@ pub const KNOWN_CAPABILITIES: &[&str] = &[
     "CAP_BPF",
     "CAP_CHECKPOINT_RESTORE",
 ];
+
+/// The definition's name as a hostname: characters a hostname cannot hold become '-', and it
+/// is cut to 64 characters (a name may be longer than a hostname).
+fn default_hostname(name: &str) -> String {
+    let h: String =
+        name.chars().take(64).map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect();
+    let h = h.trim_matches(|c| c == '-' || c == '.').replace("..", ".");
+    if h.is_empty() {
+        "gpubox".to_owned()
+    } else {
+        h
+    }
+}
 
 fn is_env_name(name: &str) -> bool {
     name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')

@@ -8,6 +8,8 @@
 use crate::Error;
 use std::path::Path;
 
+pub const KNOWN_SECTIONS: &[&str] = &["Container", "GPU", "Unit", "Service", "Install"];
+
 /// One `Key=Value` assignment, where it came from, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
@@ -34,7 +36,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Assignment>, Error> {
         }
         // A trailing backslash joins the next line with a space; comment lines inside a
         // continuation are skipped, as systemd does.
-        while logical.ends_with('\\') {
+        while ends_with_unescaped_backslash(&logical) {
             logical.pop();
             logical.push(' ');
             let next = lines.by_ref().map(|(_, l)| l.trim()).find(|l| !l.starts_with('#') && !l.starts_with(';'));
@@ -51,6 +53,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Assignment>, Error> {
                 .ok_or_else(|| syntax(first_line, format!("section header '{logical}' lacks a closing ']'")))?;
             if name.is_empty() || name.contains(['[', ']']) {
                 return Err(syntax(first_line, format!("invalid section header '{logical}'")));
+            }
+            if !KNOWN_SECTIONS.contains(&name) {
+                return Err(syntax(
+                    first_line,
+                    format!("unknown section [{name}] (expected [Container], [GPU], [Unit], [Service] or [Install])"),
+                ));
             }
             section = Some(name.to_owned());
             continue;
@@ -76,6 +84,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Assignment>, Error> {
     Ok(out)
 }
 
+/// `a\\` ends in an escaped backslash, not a continuation.
+fn ends_with_unescaped_backslash(line: &str) -> bool {
+    line.bytes().rev().take_while(|&b| b == b'\\').count() % 2 == 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,15 +99,15 @@ mod tests {
 
     #[test]
     fn sections_keys_and_comments() {
-        let a = p("# c\n; c\n[A]\nK = v w \n\n[B]\nK=\n").unwrap();
+        let a = p("# c\n; c\n[Unit]\nK = v w \n\n[Service]\nK=\n").unwrap();
         assert_eq!(a.len(), 2);
-        assert_eq!((a[0].section.as_str(), a[0].key.as_str(), a[0].value.as_str(), a[0].line), ("A", "K", "v w", 4));
-        assert_eq!((a[1].section.as_str(), a[1].value.as_str(), a[1].line), ("B", "", 7));
+        assert_eq!((a[0].section.as_str(), a[0].key.as_str(), a[0].value.as_str(), a[0].line), ("Unit", "K", "v w", 4));
+        assert_eq!((a[1].section.as_str(), a[1].value.as_str(), a[1].line), ("Service", "", 7));
     }
 
     #[test]
     fn continuation_joins_with_space_and_skips_comments() {
-        let a = p("[A]\nExec=/bin/echo \\\n  one \\\n# skipped\n  two\nNext=1\n").unwrap();
+        let a = p("[Unit]\nExec=/bin/echo \\\n  one \\\n# skipped\n  two\nNext=1\n").unwrap();
         // As systemd: the backslash becomes a space, the line's own spaces stay.
         assert_eq!(a[0].value, "/bin/echo  one  two");
         assert_eq!(a[0].line, 2);
@@ -102,26 +115,37 @@ mod tests {
     }
 
     #[test]
+    fn escaped_backslash_is_not_a_continuation() {
+        let a = p("[Unit]\nExec=/bin/echo a\\\\\nNext=1\n").unwrap();
+        assert_eq!((a[0].value.as_str(), a[1].key.as_str()), ("/bin/echo a\\\\", "Next"));
+    }
+
+    #[test]
     fn continuation_at_end_of_file() {
-        let a = p("[A]\nK=v \\").unwrap();
+        let a = p("[Unit]\nK=v \\").unwrap();
         assert_eq!(a[0].value, "v");
     }
 
     #[test]
     fn errors_name_file_and_line() {
-        let e = p("[A]\nK=1\nnot an assignment\n").unwrap_err().to_string();
+        let e = p("[Unit]\nK=1\nnot an assignment\n").unwrap_err().to_string();
         assert_eq!(e, "t.gpubox:3: expected 'Key=Value' or '[Section]', found 'not an assignment'");
         let e = p("K=1\n").unwrap_err().to_string();
         assert_eq!(e, "t.gpubox:1: 'K=' appears before any [Section] header");
-        let e = p("[A\n").unwrap_err().to_string();
+        let e = p("[Unit\n").unwrap_err().to_string();
         assert!(e.starts_with("t.gpubox:1: section header"), "{e}");
-        let e = p("[A]\nK K=1\n").unwrap_err().to_string();
+        let e = p("[Unit]\nK K=1\n").unwrap_err().to_string();
         assert_eq!(e, "t.gpubox:2: invalid key name 'K K'");
+        let e = p("[Unit]\n[Foo]\n").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "t.gpubox:2: unknown section [Foo] (expected [Container], [GPU], [Unit], [Service] or [Install])"
+        );
     }
 
     #[test]
     fn value_may_contain_equals_and_quotes() {
-        let a = p("[A]\nEnvironment=\"A=b c\" D=e\n").unwrap();
+        let a = p("[Unit]\nEnvironment=\"A=b c\" D=e\n").unwrap();
         assert_eq!(a[0].value, "\"A=b c\" D=e");
     }
 }

@@ -36,14 +36,19 @@ pub fn split(value: &str) -> Result<Vec<String>, String> {
 
 fn unescape(chars: &mut std::iter::Peekable<std::str::Chars>) -> Result<char, String> {
     let c = chars.next().ok_or("trailing backslash")?;
-    let mut number = |radix: u32, len: usize| -> Result<char, String> {
-        let digits: String = (0..len).filter_map(|_| chars.next()).collect();
+    let mut number = |first: Option<char>, radix: u32, len: usize| -> Result<u32, String> {
+        let digits: String =
+            first.into_iter().chain((first.is_some() as usize..len).filter_map(|_| chars.next())).collect();
         u32::from_str_radix(&digits, radix)
             .ok()
-            .filter(|_| digits.len() == len)
-            .and_then(char::from_u32)
-            .filter(|&c| c != '\0')
+            .filter(|&n| digits.len() == len && n != 0)
             .ok_or_else(|| format!("invalid escape sequence with '{digits}'"))
+    };
+    // Values are UTF-8 text here: a byte escape above 0x7f would not be a character.
+    let byte = |n: u32| {
+        char::from_u32(n).filter(char::is_ascii).ok_or_else(|| {
+            format!("byte escape {n:#x} is not ASCII; write the character itself, or \\u/\\U for a code point")
+        })
     };
     Ok(match c {
         'a' => '\x07',
@@ -55,13 +60,10 @@ fn unescape(chars: &mut std::iter::Peekable<std::str::Chars>) -> Result<char, St
         'v' => '\x0b',
         's' => ' ',
         '\\' | '"' | '\'' => c,
-        'x' => number(16, 2)?,
-        'u' => number(16, 4)?,
-        'U' => number(16, 8)?,
-        '0'..='7' => {
-            let rest = number(8, 2)?;
-            char::from_u32((c as u32 - '0' as u32) * 64 + rest as u32).ok_or("invalid octal escape")?
-        }
+        'x' => byte(number(None, 16, 2)?)?,
+        'u' => char::from_u32(number(None, 16, 4)?).ok_or("invalid \\u escape")?,
+        'U' => char::from_u32(number(None, 16, 8)?).ok_or("invalid \\U escape")?,
+        '0'..='7' => byte(number(Some(c), 8, 3)?)?,
         other => return Err(format!("invalid escape sequence '\\{other}'")),
     })
 }
@@ -134,6 +136,9 @@ mod tests {
         assert_eq!(split(r"a\q").unwrap_err(), "invalid escape sequence '\\q'");
         assert_eq!(split(r"a\").unwrap_err(), "trailing backslash");
         assert!(split(r"\xZZ").is_err());
+        assert_eq!(split(r"\100\040").unwrap(), ["@ "]);
+        assert!(split(r"\200").unwrap_err().contains("not ASCII"), "systemd would give a raw byte");
+        assert!(split(r"\000").is_err());
     }
 
     #[test]

@@ -176,13 +176,16 @@ fn first_file_of_a_name_wins_and_dev_null_masks() {
     t.write("etc/a.gpubox", "[Container]\nExec=/bin/etc\n").write("usr/a.gpubox", "[Container]\nExec=/bin/usr\n");
     t.write("usr/b.gpubox", MINIMAL).write("usr/c.gpubox", MINIMAL);
     std::os::unix::fs::symlink("/dev/null", t.path("etc/b.gpubox")).unwrap();
+    // An empty file masks too, as for units; a directory with the suffix is no definition.
+    t.write("etc/c.gpubox", "");
+    fs::create_dir_all(t.path("etc/d.gpubox")).unwrap();
     let search = t.search(&["etc", "run-missing", "usr"]);
     assert_eq!(search.load("a").unwrap().container.exec, ["/bin/etc"]);
     let e = search.load("b").unwrap_err().to_string();
     assert!(e.contains("definition 'b' is masked") && e.contains("etc/b.gpubox"), "{e}");
     let all = search.discover().unwrap();
     let summary: Vec<(String, bool)> = all.iter().map(|s| (s.name.clone(), s.masked)).collect();
-    assert_eq!(summary, [("a".into(), false), ("b".into(), true), ("c".into(), false)]);
+    assert_eq!(summary, [("a".into(), false), ("b".into(), true), ("c".into(), true)]);
     assert!(all[0].main.ends_with("etc/a.gpubox"));
     let e = search.load("nope").unwrap_err().to_string();
     assert!(e.starts_with("no definition named 'nope' (searched "), "{e}");
@@ -195,6 +198,18 @@ fn masked_dropin_is_skipped() {
     fs::create_dir_all(t.path("etc/job.gpubox.d")).unwrap();
     std::os::unix::fs::symlink("/dev/null", t.path("etc/job.gpubox.d/net.conf")).unwrap();
     assert_eq!(t.search(&["etc", "usr"]).load("job").unwrap().container.network, Network::None);
+}
+
+#[test]
+fn default_hostname_is_a_valid_hostname() {
+    let t = Tree::new();
+    let long = "a".repeat(100);
+    for (name, want) in [("job", "job"), ("train_01:x", "train-01-x"), (long.as_str(), &long[..64]), ("_", "gpubox")] {
+        t.write(&format!("etc/{name}.gpubox"), "[Container]\nExec=/bin/true\nHostname=\n");
+        assert_eq!(t.search(&["etc"]).load(name).unwrap().container.hostname, want);
+    }
+    let d = Tree::new().load("[Container]\nExec=/bin/true\nSeccomp=\"default\"\n").unwrap();
+    assert_eq!(d.container.seccomp, Seccomp::Default);
 }
 
 #[test]
@@ -213,7 +228,7 @@ fn errors_name_file_line_section_and_key() {
     let t = Tree::new();
     let cases: &[(&str, &str)] = &[
         ("[Container]\nExec=/bin/true\nColour=blue\n", "/etc/job.gpubox:3: [Container] Colour=: unknown key in [Container] (known: RootDirectory,"),
-        ("[Container]\nExec=/bin/true\n[Network]\nX=1\n", "/etc/job.gpubox:4: unknown section [Network]"),
+        ("[Container]\nExec=/bin/true\n[Network]\nX=1\n", "/etc/job.gpubox:3: unknown section [Network]"),
         ("[Container]\nExec=/bin/true\nNetwork=bridge\n", "/etc/job.gpubox:3: [Container] Network=: expected one of none, host, found 'bridge'"),
         ("[Container]\nExec=/bin/true\nReadOnly=maybe\n", "/etc/job.gpubox:3: [Container] ReadOnly=: expected a boolean"),
         ("[Container]\nExec=/bin/a\nExec=/bin/b\n", "/etc/job.gpubox:3: [Container] Exec=: set more than once in this file"),

@@ -24,17 +24,18 @@ pub const DEFAULT: &[Capability] = &[
     Capability::CAP_SETFCAP,
 ];
 
+/// Docker's and Podman's rule: `DropCapability=ALL` starts from nothing and `AddCapability=`
+/// still adds; otherwise the default set plus additions minus drops.
 pub fn for_container(c: &Container) -> Result<CapsHashSet> {
-    let mut set: CapsHashSet = DEFAULT.iter().copied().collect();
-    for name in &c.add_capabilities {
-        set.insert(Capability::from_str(name).map_err(|_| anyhow!("unknown capability {name}"))?);
+    let parse = |name: &String| Capability::from_str(name).map_err(|_| anyhow!("unknown capability {name}"));
+    let drop_all = c.drop_capabilities.iter().any(|n| n == "ALL");
+    let mut set: CapsHashSet = if drop_all { CapsHashSet::new() } else { DEFAULT.iter().copied().collect() };
+    let drops = c.drop_capabilities.iter().filter(|n| *n != "ALL").map(parse).collect::<Result<Vec<_>>>()?;
+    for cap in c.add_capabilities.iter().map(parse) {
+        set.insert(cap?);
     }
-    for name in &c.drop_capabilities {
-        if name == "ALL" {
-            set.clear();
-        } else {
-            set.remove(&Capability::from_str(name).map_err(|_| anyhow!("unknown capability {name}"))?);
-        }
+    for cap in drops {
+        set.remove(&cap);
     }
     Ok(set)
 }

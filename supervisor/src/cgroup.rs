@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 pub struct Cgroup {
     pub payload: PathBuf,
+    /// systemd delegated this cgroup to us: we run as a unit's main process.
+    pub delegated: bool,
     payload_fd: OwnedFd,
     /// Created by us standalone; removed with the payload leaf.
     own: Option<PathBuf>,
@@ -64,7 +66,7 @@ impl Cgroup {
             enable_controllers(&own);
             let payload = own.join("payload");
             mkdir(&payload)?;
-            return Ok(Some(Cgroup { payload_fd: open_dir(&payload)?, payload, own: None }));
+            return Ok(Some(Cgroup { payload_fd: open_dir(&payload)?, payload, own: None, delegated: true }));
         }
         sweep_stale(&own);
         let dir = own.join(format!("gpubox-{name}-{}", std::process::id()));
@@ -74,7 +76,7 @@ impl Cgroup {
         }
         let payload = dir.join("payload");
         mkdir(&payload)?;
-        Ok(Some(Cgroup { payload_fd: open_dir(&payload)?, payload, own: Some(dir) }))
+        Ok(Some(Cgroup { payload_fd: open_dir(&payload)?, payload, own: Some(dir), delegated: false }))
     }
 
     pub fn fd(&self) -> i32 {

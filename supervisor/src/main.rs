@@ -12,6 +12,7 @@ mod rootfs;
 mod seccomp;
 mod supervise;
 mod sys;
+mod systemd;
 
 use anyhow::{bail, Context, Result};
 use gpubox_definition::{SearchPath, Sources};

@@ -83,6 +83,7 @@ pub fn build(layout: &Layout) -> Result<()> {
             bind(dir, dir, MsFlags::MS_REC)?;
             if layout.read_only {
                 sys::mount_setattr_recursive(dir, sys::MOUNT_ATTR_RDONLY).context("making the root read-only")?;
+                scratch_tmpfs(dir)?;
             }
             dir.to_owned()
         }
@@ -95,13 +96,7 @@ pub fn build(layout: &Layout) -> Result<()> {
             fs::create_dir(staging).context("creating the staging directory")?;
             bind(Path::new("/"), staging, MsFlags::MS_REC)?;
             sys::mount_setattr_recursive(staging, sys::MOUNT_ATTR_RDONLY).context("making the host's / read-only")?;
-            for dir in ["tmp", "run", "var/tmp"] {
-                let target = staging.join(dir);
-                if target.is_dir() {
-                    let mode = if dir == "run" { "mode=755" } else { "mode=1777" };
-                    mnt(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(mode))?;
-                }
-            }
+            scratch_tmpfs(staging)?;
             staging.to_owned()
         }
     };
@@ -115,6 +110,18 @@ pub fn build(layout: &Layout) -> Result<()> {
     pivot(&root)?;
     if layout.root_directory.is_none() {
         let _ = fs::remove_dir(HOST_ROOT_STAGING);
+    }
+    Ok(())
+}
+
+/// A read-only root gets fresh, writable tmpfs where programs expect to write.
+fn scratch_tmpfs(root: &Path) -> Result<()> {
+    for dir in ["tmp", "run", "var/tmp"] {
+        let target = root.join(dir);
+        if target.is_dir() {
+            let mode = if dir == "run" { "mode=755" } else { "mode=1777" };
+            mnt(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(mode))?;
+        }
     }
     Ok(())
 }

@@ -9,71 +9,76 @@
 //! (x86 and x32 on x86_64), so a 32-bit binary cannot go around them.
 
 use anyhow::{bail, Context, Result};
+use caps::{Capability, CapsHashSet};
 use gpubox_definition::Seccomp;
 use libseccomp::{ScmpAction, ScmpArch, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
 use serde::Deserialize;
 use std::io::{Read, Seek};
 use std::path::Path;
 
-/// System calls the default profile denies.
-pub const DENIED: &[&str] = &[
-    "acct",
-    "add_key",
-    "bpf",
-    "clock_adjtime",
-    "clock_settime",
-    "clock_settime64",
-    "create_module",
-    "delete_module",
-    "fanotify_init",
-    "finit_module",
-    "fsconfig",
-    "fsmount",
-    "fsopen",
-    "fspick",
-    "get_kernel_syms",
-    "init_module",
-    "ioperm",
-    "iopl",
-    "kcmp",
-    "kexec_file_load",
-    "kexec_load",
-    "keyctl",
-    "lookup_dcookie",
-    "mount",
-    "mount_setattr",
-    "move_mount",
-    "name_to_handle_at",
-    "nfsservctl",
-    "open_by_handle_at",
-    "open_tree",
-    "perf_event_open",
-    "pivot_root",
-    "process_vm_readv",
-    "process_vm_writev",
-    "ptrace",
-    "query_module",
-    "quotactl",
-    "quotactl_fd",
-    "reboot",
-    "request_key",
-    "setns",
-    "settimeofday",
-    "stime",
-    "swapoff",
-    "swapon",
-    "syslog",
-    "sysfs",
-    "_sysctl",
-    "umount",
-    "umount2",
-    "unshare",
-    "uselib",
-    "userfaultfd",
-    "ustat",
-    "vm86",
-    "vm86old",
-];
+/// System calls the default profile denies, each with the capability that, when the
+/// definition grants it, allows the call again (as Docker's profile does).
+pub const DENIED: &[(&str, Option<Capability>)] = {
+    use Capability::*;
+    &[
+        ("acct", Some(CAP_SYS_PACCT)),
+        ("add_key", None),
+        ("bpf", Some(CAP_SYS_ADMIN)),
+        ("clock_adjtime", Some(CAP_SYS_TIME)),
+        ("clock_settime", Some(CAP_SYS_TIME)),
+        ("clock_settime64", Some(CAP_SYS_TIME)),
+        ("create_module", Some(CAP_SYS_MODULE)),
+        ("delete_module", Some(CAP_SYS_MODULE)),
+        ("fanotify_init", Some(CAP_SYS_ADMIN)),
+        ("finit_module", Some(CAP_SYS_MODULE)),
+        ("fsconfig", Some(CAP_SYS_ADMIN)),
+        ("fsmount", Some(CAP_SYS_ADMIN)),
+        ("fsopen", Some(CAP_SYS_ADMIN)),
+        ("fspick", Some(CAP_SYS_ADMIN)),
+        ("get_kernel_syms", Some(CAP_SYS_MODULE)),
+        ("init_module", Some(CAP_SYS_MODULE)),
+        ("ioperm", Some(CAP_SYS_RAWIO)),
+        ("iopl", Some(CAP_SYS_RAWIO)),
+        ("kcmp", Some(CAP_SYS_PTRACE)),
+        ("kexec_file_load", Some(CAP_SYS_BOOT)),
+        ("kexec_load", Some(CAP_SYS_BOOT)),
+        ("keyctl", None),
+        ("lookup_dcookie", Some(CAP_SYS_ADMIN)),
+        ("mount", Some(CAP_SYS_ADMIN)),
+        ("mount_setattr", Some(CAP_SYS_ADMIN)),
+        ("move_mount", Some(CAP_SYS_ADMIN)),
+        ("name_to_handle_at", Some(CAP_DAC_READ_SEARCH)),
+        ("nfsservctl", None),
+        ("open_by_handle_at", Some(CAP_DAC_READ_SEARCH)),
+        ("open_tree", Some(CAP_SYS_ADMIN)),
+        ("perf_event_open", Some(CAP_SYS_ADMIN)),
+        ("pivot_root", Some(CAP_SYS_ADMIN)),
+        ("process_vm_readv", Some(CAP_SYS_PTRACE)),
+        ("process_vm_writev", Some(CAP_SYS_PTRACE)),
+        ("ptrace", Some(CAP_SYS_PTRACE)),
+        ("query_module", Some(CAP_SYS_MODULE)),
+        ("quotactl", Some(CAP_SYS_ADMIN)),
+        ("quotactl_fd", Some(CAP_SYS_ADMIN)),
+        ("reboot", Some(CAP_SYS_BOOT)),
+        ("request_key", None),
+        ("setns", Some(CAP_SYS_ADMIN)),
+        ("settimeofday", Some(CAP_SYS_TIME)),
+        ("stime", Some(CAP_SYS_TIME)),
+        ("swapoff", Some(CAP_SYS_ADMIN)),
+        ("swapon", Some(CAP_SYS_ADMIN)),
+        ("syslog", Some(CAP_SYSLOG)),
+        ("sysfs", None),
+        ("_sysctl", None),
+        ("umount", Some(CAP_SYS_ADMIN)),
+        ("umount2", Some(CAP_SYS_ADMIN)),
+        ("unshare", Some(CAP_SYS_ADMIN)),
+        ("uselib", None),
+        ("userfaultfd", None),
+        ("ustat", None),
+        ("vm86", None),
+        ("vm86old", None),
+    ]
+};
 
 /// Namespace flags that clone(2) may not ask for (Docker's mask, without CAP_SYS_ADMIN).
 const CLONE_NAMESPACE_FLAGS: [libc::c_int; 7] = [
@@ -87,11 +92,13 @@ const CLONE_NAMESPACE_FLAGS: [libc::c_int; 7] = [
 ];
 
 /// A compiled classic-BPF program, or none for `Seccomp=unconfined`.
-pub fn compile(setting: &Seccomp) -> Result<Option<Vec<u8>>> {
+pub fn compile(setting: &Seccomp, caps: &CapsHashSet) -> Result<Option<Vec<u8>>> {
     let ctx = match setting {
         Seccomp::Unconfined => return Ok(None),
-        Seccomp::Default => default_profile()?,
-        Seccomp::Profile(path) => oci_profile(path).with_context(|| format!("seccomp profile {}", path.display()))?,
+        Seccomp::Default => default_profile(caps)?,
+        Seccomp::Profile(path) => {
+            oci_profile(path, caps).with_context(|| format!("seccomp profile {}", path.display()))?
+        }
     };
     Ok(Some(export(&ctx)?))
 }
@@ -109,18 +116,22 @@ fn with_compat_arches(ctx: &mut ScmpFilterContext) -> Result<()> {
     Ok(())
 }
 
-fn default_profile() -> Result<ScmpFilterContext> {
+fn default_profile(caps: &CapsHashSet) -> Result<ScmpFilterContext> {
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow)?;
     with_compat_arches(&mut ctx)?;
     let eperm = ScmpAction::Errno(libc::EPERM);
-    for name in DENIED {
+    for (name, unless) in DENIED {
+        if unless.is_some_and(|cap| caps.contains(&cap)) {
+            continue;
+        }
         // A name this libseccomp does not know on this architecture has nothing to deny.
         if let Ok(syscall) = ScmpSyscall::from_name(name) {
             ctx.add_rule(eperm, syscall)?;
         }
     }
-    // clone: no new namespaces; one rule per flag, since a rule can only test equality.
-    for flag in CLONE_NAMESPACE_FLAGS {
+    // clone: no new namespaces without CAP_SYS_ADMIN; one rule per flag, since a rule can only
+    // test equality.
+    for flag in CLONE_NAMESPACE_FLAGS.into_iter().filter(|_| !caps.contains(&Capability::CAP_SYS_ADMIN)) {
         let flag = flag as u64;
         let set = ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(flag), flag);
         ctx.add_rule_conditional(eperm, ScmpSyscall::from_name("clone")?, &[set])?;
@@ -166,11 +177,62 @@ struct OciProfile {
 #[serde(rename_all = "camelCase")]
 struct OciRule {
     names: Vec<String>,
+    #[serde(default)]
+    includes: OciCondition,
+    #[serde(default)]
+    excludes: OciCondition,
     action: String,
     #[serde(default)]
     errno_ret: Option<i32>,
     #[serde(default)]
     args: Vec<OciArg>,
+}
+
+/// Docker's rule conditions: a rule applies only if the container has all `includes` and none
+/// of the `excludes`. Ignoring them would apply capability-gated allow rules to everyone.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct OciCondition {
+    #[serde(default)]
+    caps: Vec<String>,
+    #[serde(default)]
+    arches: Vec<String>,
+    #[serde(default)]
+    min_kernel: Option<String>,
+}
+
+impl OciRule {
+    fn applies(&self, caps: &CapsHashSet) -> bool {
+        let has = |name: &String| name.parse::<Capability>().is_ok_and(|c| caps.contains(&c));
+        let native = native_arch_name();
+        let inc = &self.includes;
+        let exc = &self.excludes;
+        inc.caps.iter().all(has)
+            && (inc.arches.is_empty() || inc.arches.iter().any(|a| a == native))
+            && inc.min_kernel.as_deref().is_none_or(kernel_at_least)
+            && !exc.caps.iter().any(has)
+            && !exc.arches.iter().any(|a| a == native)
+            && !exc.min_kernel.as_deref().is_some_and(kernel_at_least)
+    }
+}
+
+/// Docker's arch names in conditions ("amd64", "arm64", …).
+fn native_arch_name() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    }
+}
+
+fn kernel_at_least(wanted: &str) -> bool {
+    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let version = |s: &str| -> (u32, u32) {
+        let mut parts = s.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok());
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    };
+    version(&release) >= version(wanted)
 }
 
 #[derive(Deserialize)]
@@ -207,7 +269,7 @@ fn oci_arch(name: &str) -> Option<ScmpArch> {
     })
 }
 
-fn oci_profile(path: &Path) -> Result<ScmpFilterContext> {
+fn oci_profile(path: &Path, caps: &CapsHashSet) -> Result<ScmpFilterContext> {
     let text = std::fs::read_to_string(path)?;
     let profile: OciProfile = serde_json::from_str(&text).context("not an OCI/Docker seccomp profile")?;
     let mut ctx = ScmpFilterContext::new(oci_action(&profile.default_action, profile.default_errno_ret)?)?;
@@ -215,7 +277,7 @@ fn oci_profile(path: &Path) -> Result<ScmpFilterContext> {
     for arch in profile.architectures.iter().filter_map(|a| oci_arch(a)).filter(|&a| a != native) {
         ctx.add_arch(arch)?;
     }
-    for rule in &profile.syscalls {
+    for rule in profile.syscalls.iter().filter(|r| r.applies(caps)) {
         let action = oci_action(&rule.action, rule.errno_ret)?;
         let args = rule
             .args

@@ -6,7 +6,7 @@
 use crate::cgroup::Cgroup;
 use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
-use crate::{capabilities, devcgroup, idmap, log, seccomp, sys};
+use crate::{capabilities, devcgroup, idmap, log, seccomp, sys, systemd};
 use anyhow::{Context, Result};
 use gpubox_definition::{Bind, Definition, Network, UserNamespace};
 use gpubox_devices::Selection;
@@ -55,6 +55,7 @@ fn notify(states: &[sd_notify::NotifyState]) {
 /// 128+signal, or 125–127 for a container that never started).
 pub fn run(d: &Definition, selection: &Selection, mode: &Mode) -> Result<i32> {
     let c = &d.container;
+    let capabilities = capabilities::for_container(c)?;
     let mut environment = c.environment.clone();
     for (k, v) in &selection.env {
         environment.retain(|(n, _)| n != k);
@@ -79,9 +80,9 @@ pub fn run(d: &Definition, selection: &Selection, mode: &Mode) -> Result<i32> {
         exec: c.exec.clone(),
         working_directory: c.working_directory.clone(),
         environment,
-        capabilities: capabilities::for_container(c)?,
+        capabilities: capabilities.clone(),
         no_new_privileges: c.no_new_privileges,
-        seccomp: seccomp::compile(&c.seccomp)?,
+        seccomp: seccomp::compile(&c.seccomp, &capabilities)?,
         init: c.init,
         console: nix::unistd::ttyname(std::io::stdin().as_fd()).ok(),
     };
@@ -168,6 +169,23 @@ fn run_staged(
             return Err(e);
         }
     }
+    // Under systemd, systemd grants the nodes (DeviceAllow=); the BPF program above narrows.
+    let unit = cgroup.as_ref().filter(|c| c.delegated).and_then(|_| systemd::own_unit());
+    if let Some(unit) = &unit {
+        if let Err(e) = systemd::set_device_allow(unit, &selection.nodes) {
+            let _ = signal::kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, None);
+            cleanup(cgroup);
+            return Err(e);
+        }
+    }
+    let revoke = |unit: &Option<String>| {
+        if let Some(unit) = unit {
+            if let Err(e) = systemd::set_device_allow(unit, &[]) {
+                log::warn(&format!("{e:#}"));
+            }
+        }
+    };
     let mut go = File::from(go_write);
     go.write_all(b"1").context("releasing the container")?;
 
@@ -177,6 +195,7 @@ fn run_staged(
     if let Some((code, message)) = report.split_once('\n') {
         log::error(message);
         let _ = waitpid(child, None);
+        revoke(&unit);
         cleanup(cgroup);
         return Ok(code.parse().unwrap_or(child::SETUP_FAILED));
     }
@@ -192,6 +211,7 @@ fn run_staged(
     };
     log::info(&format!("payload {summary}"));
     notify(&[sd_notify::NotifyState::Status(&format!("payload {summary}"))]);
+    revoke(&unit);
     cleanup(cgroup);
     Ok(match status {
         WaitStatus::Exited(_, code) => code,

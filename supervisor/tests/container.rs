@@ -193,6 +193,10 @@ fn seccomp_denies_with_eperm() {
     ] {
         assert_eq!(value(&confined, name), "EPERM", "{name} under the default profile");
     }
+    // A granted capability lifts the calls it guards, as in Docker's profile.
+    let ptrace = probe("AddCapability=CAP_SYS_PTRACE\n");
+    assert_eq!(value(&ptrace, "ptrace"), "ok");
+    assert_eq!(value(&ptrace, "keyctl"), "EPERM");
     // Where the kernel itself answers something else, the EPERM above came from the filter.
     for name in ["keyctl", "add_key", "perf_event_open", "clock_settime", "ptrace", "unshare"] {
         assert_ne!(value(&unconfined, name), "EPERM", "{name} unconfined");
@@ -215,6 +219,19 @@ fn oci_seccomp_profile_is_applied() {
     let r = inside(&format!("Seccomp={}\n", profile.display()), "uname -s; echo code=$?");
     assert_eq!(value(&r, "code"), "1", "uname(2) is denied by the profile: {}", r.err);
     assert!(r.err.contains("Function not implemented"), "{}", r.err);
+    // Docker's rule conditions: a rule that excludes CAP_SYS_NICE does not apply when granted.
+    fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["uname"],"action":"SCMP_ACT_ERRNO","errnoRet":38,
+            "excludes":{"caps":["CAP_SYS_NICE"]}}]}"#,
+    )
+    .unwrap();
+    let without = inside(&format!("Seccomp={}\n", profile.display()), "uname -s >/dev/null; echo code=$?");
+    let with = inside(
+        &format!("Seccomp={}\nAddCapability=SYS_NICE\n", profile.display()),
+        "uname -s >/dev/null; echo code=$?",
+    );
+    assert_eq!((value(&without, "code"), value(&with, "code")), ("1", "0"));
 }
 
 #[test]
@@ -232,6 +249,12 @@ fn capabilities_and_user_are_adjustable() {
     assert_eq!(value(&r, "bnd"), format!("{:016x}", (0xa80425fb | SYS_NICE) & !NET_RAW & !MKNOD), "{}", r.err);
     let r = inside("DropCapability=all\n", "echo bnd=$(grep CapBnd /proc/self/status | cut -f2)");
     assert_eq!(value(&r, "bnd"), "0000000000000000");
+    // As with Docker and Podman: drop all, then add back.
+    let r = inside(
+        "DropCapability=all\nAddCapability=NET_BIND_SERVICE\n",
+        "echo bnd=$(grep CapBnd /proc/self/status | cut -f2)",
+    );
+    assert_eq!(value(&r, "bnd"), "0000000000000400");
     let r = inside("User=65534:65534\n", "echo id=$(id -u):$(id -g) eff=$(grep CapEff /proc/self/status | cut -f2)");
     assert_eq!(value(&r, "id"), "65534:65534 eff=0000000000000000");
     let r = inside(
@@ -276,6 +299,11 @@ fn binds_root_directory_and_read_only() {
     ));
     assert_eq!(value(&r, "files"), "busybox sh", "{}", r.err);
     assert_eq!(value(&r, "ro"), "denied");
+    let r = run(&format!(
+        "[Container]\nRootDirectory={}\nReadOnly=yes\nExec=/bin/busybox sh -c '/bin/busybox touch /tmp/x && echo tmp=writable'\n",
+        root.display()
+    ));
+    assert_eq!(value(&r, "tmp"), "writable", "a read-only root gets a tmpfs /tmp: {}", r.err);
 }
 
 #[test]
