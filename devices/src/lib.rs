@@ -4,6 +4,7 @@
 //! against recorded device trees without the hardware.
 
 pub mod cdi;
+pub mod driver;
 mod drm;
 mod nvidia;
 pub mod select;

@@ -22,14 +22,9 @@ pub fn select(inventory: &Inventory, selectors: &[Selector], optional: bool) -> 
     for selector in selectors {
         if let Selector::Cdi { kind, name } = selector {
             match inventory.cdi.resolve(kind, name) {
-                Ok(devices) => {
-                    for d in devices {
-                        add_cdi(&mut selection, &d.qualified, d.edits())?;
-                    }
-                }
-                Err(e) if optional => {
-                    let _ = e;
-                }
+                // Spec-level edits once, however many of the spec's devices are selected.
+                Ok(devices) => add_cdi(&mut selection, &format!("{kind}={name}"), cdi::combined_edits(&devices))?,
+                Err(_) if optional => {}
                 Err(e) => return Err(format!("[GPU] Device={selector}: {e}")),
             }
             continue;
@@ -53,31 +48,37 @@ pub fn select(inventory: &Inventory, selectors: &[Selector], optional: bool) -> 
 
 fn add_cdi(selection: &mut Selection, qualified: &str, edits: cdi::ContainerEdits) -> Result<(), String> {
     for n in &edits.device_nodes {
+        if n.kind.is_some_and(|k| k != 'c' && k != 'u') {
+            return Err(format!(
+                "cdi:{qualified}: {} is not a character device; gpubox passes only those",
+                n.path.display()
+            ));
+        }
+        // The container gets a node made from the numbers, so the host path only supplies them.
         let node = match (n.major, n.minor) {
             (Some(major), Some(minor)) => Node { path: n.path.clone(), major, minor },
             _ => {
-                let mut found = Node::stat(&n.host_path).ok_or_else(|| {
+                let found = Node::stat(&n.host_path).ok_or_else(|| {
                     format!("cdi:{qualified}: device node {} is missing on the host", n.host_path.display())
                 })?;
-                found.path = n.path.clone();
-                found
+                Node { path: n.path.clone(), ..found }
             }
         };
-        if n.host_path != n.path {
-            return Err(format!(
-                "cdi:{qualified}: device node {} comes from {}; gpubox binds nodes at their host path",
-                n.path.display(),
-                n.host_path.display()
-            ));
-        }
         selection.nodes.push(node);
     }
-    selection.mounts.extend(edits.mounts);
+    for m in edits.mounts {
+        selection.mounts.retain(|x| x.container_path != m.container_path);
+        selection.mounts.push(m);
+    }
     for (k, v) in edits.env {
         selection.env.retain(|(n, _)| *n != k);
         selection.env.push((k, v));
     }
-    selection.hooks.extend(edits.hooks);
+    for h in edits.hooks {
+        if !selection.hooks.contains(&h) {
+            selection.hooks.push(h);
+        }
+    }
     selection.names.push(format!("cdi:{qualified}"));
     Ok(())
 }

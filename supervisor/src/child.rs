@@ -36,7 +36,12 @@ pub struct Plan {
     pub seccomp: Option<Vec<u8>>,
     pub init: bool,
     pub console: Option<PathBuf>,
+    /// Stop once the file system is built, for the supervisor to run hooks.
+    pub hooks_barrier: bool,
 }
+
+/// What the child says on the error pipe when it reaches the hooks barrier.
+pub const CREATED: &[u8] = b"created\n";
 
 /// Exit codes for failures before the payload runs, as Podman uses them.
 pub const SETUP_FAILED: i32 = 125;
@@ -89,6 +94,14 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
         private_network: plan.private_network,
         console: plan.console.clone(),
     })?;
+    // OCI's "created" state: the file system is in place, nothing of the payload runs yet.
+    // CDI hooks (createRuntime, createContainer) run now, in the supervisor.
+    if plan.hooks_barrier {
+        errors.as_mut().expect("the error pipe is open").write_all(CREATED)?;
+        if go.read(&mut byte)? != 1 {
+            return Err(anyhow!("the supervisor went away during setup").into());
+        }
+    }
 
     let account = resolve_user(plan.user.as_ref())?;
     let env = environment(plan, &account);

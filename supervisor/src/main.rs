@@ -56,6 +56,19 @@ fn main() -> ExitCode {
     }
 }
 
+fn add_driver(selection: &mut gpubox_devices::Selection, driver: gpubox_devices::driver::DriverFiles) {
+    for path in driver.paths {
+        selection.mounts.push(gpubox_devices::cdi::Mount {
+            host_path: path.clone(),
+            container_path: path,
+            options: vec!["ro".into()],
+            kind: None,
+        });
+    }
+    let dirs: Vec<String> = driver.library_dirs.iter().map(|d| d.display().to_string()).collect();
+    selection.env.push(("LD_LIBRARY_PATH".into(), dirs.join(":")));
+}
+
 enum Target {
     Name(String),
     File(PathBuf),
@@ -78,12 +91,20 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
         Target::Name(name) => SearchPath::from_env().load(name)?,
         Target::File(file) => Sources::from_file(file)?.load()?,
     };
-    let selection = if definition.gpu.devices.is_empty() {
+    let mut selection = if definition.gpu.devices.is_empty() {
         gpubox_devices::Selection::default()
     } else {
         let inventory = gpubox_devices::Inventory::discover();
         gpubox_devices::select(&inventory, &definition.gpu.devices, definition.gpu.optional)
             .map_err(anyhow::Error::msg)?
     };
+    // The host's root already has the driver and its ld cache; a root of our own gets both.
+    if definition.gpu.driver_libraries && definition.container.root_directory.is_some() {
+        match gpubox_devices::driver::nvidia() {
+            Ok(driver) => add_driver(&mut selection, driver),
+            Err(e) if definition.gpu.optional => log::warn(&format!("{e}; starting without it (Optional=yes)")),
+            Err(e) => bail!(e),
+        }
+    }
     supervise::run(&definition, &selection, mode).context("running the container")
 }

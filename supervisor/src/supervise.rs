@@ -58,8 +58,15 @@ pub fn run(d: &Definition, selection: &Selection, mode: &Mode) -> Result<i32> {
     let capabilities = capabilities::for_container(c)?;
     let mut environment = c.environment.clone();
     for (k, v) in &selection.env {
+        // The definition's own library path stays, after the driver's.
+        let mut value = v.clone();
+        if k == "LD_LIBRARY_PATH" {
+            if let Some((_, own)) = environment.iter().find(|(n, _)| n == k) {
+                value = format!("{v}:{own}");
+            }
+        }
         environment.retain(|(n, _)| n != k);
-        environment.push((k.clone(), v.clone()));
+        environment.push((k.clone(), value));
     }
     let mut binds = c.binds.clone();
     binds.extend(selection.mounts.iter().map(|m| Bind {
@@ -85,6 +92,7 @@ pub fn run(d: &Definition, selection: &Selection, mode: &Mode) -> Result<i32> {
         seccomp: seccomp::compile(&c.seccomp, &capabilities)?,
         init: c.init,
         console: nix::unistd::ttyname(std::io::stdin().as_fd()).ok(),
+        hooks_barrier: false,
     };
     let mut plan = plan;
     let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
@@ -126,6 +134,8 @@ fn run_staged(
             return Err(e);
         }
     }
+    plan.hooks_barrier = !selection.hooks.is_empty();
+    let hooks = Hooks::new(d, &selection.hooks)?;
     let plan = &*plan;
 
     let mut blocked = SigSet::empty();
@@ -189,9 +199,29 @@ fn run_staged(
     let mut go = File::from(go_write);
     go.write_all(b"1").context("releasing the container")?;
 
-    // The error pipe closes on exec (success) or carries "CODE\nMESSAGE" (failure).
+    // The error pipe closes on exec (success) or carries "CODE\nMESSAGE" (failure); with hooks,
+    // "created" comes first, when the file system is ready for them.
+    let mut errors = File::from(err_read);
     let mut report = String::new();
-    File::from(err_read).read_to_string(&mut report)?;
+    let mut hooks_failed = None;
+    if plan.hooks_barrier {
+        let mut created = vec![0u8; child::CREATED.len()];
+        match errors.read_exact(&mut created) {
+            Ok(()) if created == child::CREATED => {
+                hooks_failed = hooks.run(&["createRuntime", "prestart", "createContainer"], pid).err();
+                if hooks_failed.is_none() {
+                    go.write_all(b"1").context("releasing the container after its hooks")?;
+                }
+            }
+            _ => report = String::from_utf8_lossy(&created).trim_end_matches('\0').to_owned(),
+        }
+    }
+    if let Some(e) = hooks_failed {
+        let _ = signal::kill(child, Signal::SIGKILL);
+        report = format!("{}\n{e:#}", child::SETUP_FAILED);
+    } else {
+        errors.read_to_string(&mut report)?;
+    }
     if let Some((code, message)) = report.split_once('\n') {
         log::error(message);
         let _ = waitpid(child, None);
@@ -201,6 +231,9 @@ fn run_staged(
     }
     log::info(&format!("started {} (pid {pid})", summary(&d.container.exec)));
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&format!("running (payload pid {pid})"))]);
+    if let Err(e) = hooks.run(&["poststart"], pid) {
+        log::warn(&format!("{e:#}"));
+    }
 
     let status = wait(child, &signals, cgroup.as_ref(), mode)?;
     drop(go);
@@ -211,6 +244,9 @@ fn run_staged(
     };
     log::info(&format!("payload {summary}"));
     notify(&[sd_notify::NotifyState::Status(&format!("payload {summary}"))]);
+    if let Err(e) = hooks.run(&["poststop"], 0) {
+        log::warn(&format!("{e:#}"));
+    }
     revoke(&unit);
     cleanup(cgroup);
     Ok(match status {
@@ -218,6 +254,59 @@ fn run_staged(
         WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
         _ => child::SETUP_FAILED,
     })
+}
+
+/// CDI hooks, run by the supervisor at the OCI stages they name, each with the container's
+/// OCI state on stdin. Hooks find the container's root through the bundle's config.json, whose
+/// root is `/proc/PID/root` (the payload's root, seen from the host).
+struct Hooks<'a> {
+    name: &'a str,
+    hooks: &'a [gpubox_devices::cdi::Hook],
+    bundle: std::path::PathBuf,
+}
+
+impl<'a> Hooks<'a> {
+    fn new(d: &'a Definition, hooks: &'a [gpubox_devices::cdi::Hook]) -> Result<Hooks<'a>> {
+        if let Some(h) = hooks.iter().find(|h| h.hook_name == "startContainer") {
+            anyhow::bail!(
+                "CDI hook {} runs at startContainer, inside the container, which gpubox does not support",
+                h.path.display()
+            );
+        }
+        let bundle = std::path::Path::new("/run/gpubox").join(&d.name).join("bundle");
+        Ok(Hooks { name: &d.name, hooks, bundle })
+    }
+
+    fn run(&self, stages: &[&str], pid: i32) -> Result<()> {
+        let due: Vec<_> = self.hooks.iter().filter(|h| stages.contains(&h.hook_name.as_str())).collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.bundle)?;
+        let config = serde_json::json!({"ociVersion": "1.2.0", "root": {"path": format!("/proc/{pid}/root")}});
+        std::fs::write(self.bundle.join("config.json"), config.to_string())?;
+        let status = if stages.contains(&"poststop") {
+            "stopped"
+        } else if stages.contains(&"poststart") {
+            "running"
+        } else {
+            "created"
+        };
+        let state = gpubox_devices::cdi::oci_state(self.name, pid as u32, &self.bundle, status);
+        for hook in due {
+            gpubox_devices::cdi::run_hook(hook, &state).map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Hooks<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.bundle);
+        if let Some(parent) = self.bundle.parent() {
+            let _ = std::fs::remove_dir(parent); // only when empty: made for the bundle alone
+        }
+    }
 }
 
 fn cg_cleanup(cgroup: Option<Cgroup>) {

@@ -448,3 +448,176 @@ fn device_cgroup_denies_a_node_that_was_not_selected() {
     let r = inside(&format!("Bind={}:/tmp/fuse\n", node.display()), script);
     assert_eq!(value(&r, "open"), "no", "{}", r.err);
 }
+
+/// A CDI spec naming stand-in devices (nodes with /dev/fuse's numbers, harmless to open), as
+/// a vendor's tool would write one for its GPUs.
+#[test]
+fn cdi_device_passes_through_with_its_edits() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for n in ["standin0", "standin1"] {
+        nix::sys::stat::mknod(
+            &d.join(n),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(10, 229),
+        )
+        .unwrap();
+    }
+    fs::create_dir_all(d.join("libs")).unwrap();
+    fs::write(d.join("libs/libstandin.so.1"), "not really a library").unwrap();
+    fs::write(
+        d.join("hook.sh"),
+        format!("#!/bin/sh\ncat > {}/hook-state.json\necho \"$1\" > {}/hook-arg\n", d.display(), d.display()),
+    )
+    .unwrap();
+    fs::set_permissions(d.join("hook.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fs::create_dir_all(d.join("cdi")).unwrap();
+    fs::write(
+        d.join("cdi/example.yaml"),
+        format!(
+            r#"cdiVersion: "0.6.0"
+kind: example.com/gpu
+devices:
+  - name: first
+    containerEdits:
+      deviceNodes:
+        - path: /dev/standin0
+          hostPath: {d}/standin0
+  - name: second
+    containerEdits:
+      deviceNodes:
+        - path: /dev/standin1
+          hostPath: {d}/standin1
+containerEdits:
+  env:
+    - STANDIN_VISIBLE=yes
+  mounts:
+    - hostPath: {d}/libs
+      containerPath: /tmp/standin-libs
+      options: [ro, nosuid, nodev, bind]
+  hooks:
+    - hookName: createContainer
+      path: {d}/hook.sh
+      args: [hook.sh, created]
+"#,
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let script = "echo nodes=$(ls /dev | grep standin | tr '\\n' ' '); \
+        if (exec 3<> /dev/standin0); then echo open=yes; else echo open=no; fi; \
+        echo owner=$(stat -c %u:%g:%a /dev/standin0); echo env=$STANDIN_VISIBLE; \
+        echo lib=$(cat /tmp/standin-libs/libstandin.so.1); \
+        echo ro=$(touch /tmp/standin-libs/x 2>/dev/null && echo writable || echo denied)";
+    let file = d.join("test.sh");
+    fs::write(&file, script).unwrap();
+    let def = definition(d, "cdi", &format!("[Container]\nExec=/bin/sh /tmp/test.sh\nBindReadOnly={}:/tmp/test.sh\n[GPU]\nDevice=cdi:example.com/gpu=first\n", file.display()));
+    let out = Command::new(SUPERVISOR)
+        .args(["run", "--definition"])
+        .arg(&def)
+        .env("GPUBOX_CDI_DIRS", d.join("cdi"))
+        .output()
+        .unwrap();
+    let r = Run {
+        out: String::from_utf8_lossy(&out.stdout).into(),
+        err: String::from_utf8_lossy(&out.stderr).into(),
+        code: out.status.code().unwrap_or(-1),
+    };
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(value(&r, "nodes"), "standin0", "the selected device only");
+    assert_eq!(value(&r, "open"), "yes", "usable by container root: {}", r.err);
+    assert_eq!(value(&r, "owner"), "0:0:660", "owned by container root, not host root");
+    assert_eq!(value(&r, "env"), "yes");
+    assert_eq!(value(&r, "lib"), "not really a library");
+    assert_eq!(value(&r, "ro"), "denied");
+    let state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(d.join("hook-state.json")).unwrap()).unwrap();
+    assert_eq!((state["id"].as_str(), state["status"].as_str()), (Some("cdi"), Some("created")), "{state}");
+    assert!(state["pid"].as_u64().unwrap() > 1);
+    assert_eq!(fs::read_to_string(d.join("hook-arg")).unwrap(), "created\n");
+    assert!(!Path::new("/run/gpubox/cdi").exists(), "staging and bundle directories are gone");
+
+    // A device that does not exist: the error lists what does.
+    let def = definition(d, "cdi2", "[Container]\nExec=/bin/true\n[GPU]\nDevice=cdi:example.com/gpu=third\n");
+    let out = Command::new(SUPERVISOR)
+        .args(["run", "--definition"])
+        .arg(&def)
+        .env("GPUBOX_CDI_DIRS", d.join("cdi"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(err.contains("example.com/gpu=third") && err.contains("first") && err.contains("second"), "{err}");
+}
+
+/// The NVIDIA path with a stand-in: a fake libnvidia-ml (tests/standin/fake-nvml.c) loaded by
+/// the real nvml-wrapper, and a /dev/nvidiaN stand-in node with /dev/fuse's numbers.
+#[test]
+fn nvidia_gpu_through_nvml_with_a_stand_in() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libnvidia-ml.so.1");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/standin/fake-nvml.c");
+    let cc = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&lib).arg(&source).status().expect("a C compiler");
+    assert!(cc.success());
+    // A minor number no real GPU has; the node is removed again however the test ends.
+    let minor = 200 + std::process::id() % 50;
+    let node = PathBuf::from(format!("/dev/nvidia{minor}"));
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+    let _ = fs::remove_file(&node);
+    nix::sys::stat::mknod(
+        &node,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(10, 229),
+    )
+    .unwrap();
+    let _guard = Remove(node.clone());
+
+    let def = definition(
+        dir.path(),
+        "nv",
+        &format!("[Container]\nExec=/bin/sh -c 'ls /dev | grep nvidia; (exec 3<> /dev/nvidia{minor}) && echo open=yes'\n[GPU]\nDevice=nvidia:0\n"),
+    );
+    let out = Command::new(SUPERVISOR)
+        .args(["run", "--definition"])
+        .arg(&def)
+        .env("GPUBOX_NVML_LIBRARY", &lib)
+        .env("FAKE_NVML_MINOR", minor.to_string())
+        .env("GPUBOX_CDI_DIRS", dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.lines().any(|l| l == format!("nvidia{minor}")), "{stdout}");
+    assert!(stdout.contains("open=yes"), "{stdout}{stderr}");
+    assert!(stderr.contains("devices: nvidia:0"), "{stderr}");
+
+    // A selector for a GPU that is not there lists the one that is.
+    let def = definition(dir.path(), "nv1", "[Container]\nExec=/bin/true\n[GPU]\nDevice=nvidia:1\n");
+    let out = Command::new(SUPERVISOR)
+        .args(["run", "--definition"])
+        .arg(&def)
+        .env("GPUBOX_NVML_LIBRARY", &lib)
+        .env("FAKE_NVML_MINOR", minor.to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr.contains("nvidia:1 matches no GPU")
+            && stderr.contains("nvidia:GPU-00000000-1111-2222-3333-444444444444"),
+        "{stderr}"
+    );
+}
