@@ -1,5 +1,5 @@
-//! `gpuboxctl`, the command line for people. Exit status: 0 success, 1 a check failed
-//! (`validate` found errors), 2 bad usage.
+//! `gpuboxctl`, the command line for people. Exit status: 0 success, 1 the operation failed
+//! (or `validate` found errors), 2 bad usage, 3 the container is not running.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -20,6 +20,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Containers: every definition, and the state and devices of those that run.
+    List,
+    /// One running container: state, payload pid, devices and how they came.
+    Status { name: String },
+    /// Attaches GPUs to a running container (a selector, as in [GPU] Device=).
+    Attach { name: String, selector: String },
+    /// Detaches what was attached with this selector.
+    Detach { name: String, selector: String },
+    /// For the udev rules: tells every running container that a device came or went.
+    Hotplug {
+        #[arg(value_parser = ["add", "remove", "change", "bind", "unbind"])]
+        action: String,
+        devnode: String,
+    },
     /// Every GPU this host has, from every backend, and the selectors that name it.
     Devices,
     /// Checks definitions as the generator and supervisor would (all of them when no FILE is given).
@@ -29,6 +43,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::List => list(cli.json),
+        Command::Status { name } => with_client(&name, cli.json, |c| c.status()),
+        Command::Attach { name, selector } => with_client(&name, cli.json, |c| c.attach(&selector)),
+        Command::Detach { name, selector } => with_client(&name, cli.json, |c| c.detach(&selector)),
+        Command::Hotplug { action, devnode } => Ok(hotplug(&action, &devnode)),
         Command::Devices => devices(cli.json),
         Command::Validate { files } => validate(&files, cli.json),
     };
@@ -39,6 +58,98 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+const NOT_RUNNING: u8 = 3;
+
+fn with_client(
+    name: &str,
+    json: bool,
+    call: impl FnOnce(&gpubox_control::Client) -> Result<gpubox_control::Status, gpubox_control::Error>,
+) -> Result<ExitCode> {
+    let status = match gpubox_control::Client::connect(name).and_then(|c| call(&c)) {
+        Ok(s) => s,
+        Err(e @ gpubox_control::Error::NotRunning(..)) => {
+            eprintln!("gpuboxctl: {e}");
+            return Ok(ExitCode::from(NOT_RUNNING));
+        }
+        Err(e) => {
+            eprintln!("gpuboxctl: {name}: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        println!(
+            "{} ({}), payload pid {}, hotplug {}",
+            status.name,
+            status.state,
+            status.pid,
+            if status.hotplug { "on" } else { "off" }
+        );
+        if status.devices.is_empty() {
+            println!("  no devices");
+        }
+        for d in &status.devices {
+            let nodes: Vec<String> = d.nodes.iter().map(|n| n.display().to_string()).collect();
+            println!("  {} ({}): {}", d.name, d.how, nodes.join(" "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(json: bool) -> Result<ExitCode> {
+    let mut names: Vec<String> =
+        SearchPath::from_env().discover().map(|all| all.into_iter().map(|s| s.name).collect()).unwrap_or_default();
+    for running in gpubox_control::running() {
+        if !names.contains(&running) {
+            names.push(running);
+        }
+    }
+    names.sort();
+    let statuses: Vec<(String, Option<gpubox_control::Status>)> = names
+        .into_iter()
+        .map(|n| {
+            let status = gpubox_control::Client::connect(&n).and_then(|c| c.status()).ok();
+            (n, status)
+        })
+        .collect();
+    if json {
+        let list: Vec<serde_json::Value> = statuses
+            .iter()
+            .map(|(n, s)| match s {
+                Some(s) => serde_json::to_value(s).expect("serialisable"),
+                None => serde_json::json!({"name": n, "state": "inactive"}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut rows = vec![["NAME".to_owned(), "STATE".into(), "PID".into(), "DEVICES".into()]];
+    for (name, status) in &statuses {
+        rows.push(match status {
+            Some(s) => [
+                name.clone(),
+                s.state.clone(),
+                s.pid.to_string(),
+                s.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(" "),
+            ],
+            None => [name.clone(), "inactive".into(), "-".into(), "-".into()],
+        });
+    }
+    print_table(&rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Never fails the udev rule: each container's answer is logged, the exit status is 0.
+fn hotplug(action: &str, devnode: &str) -> ExitCode {
+    for name in gpubox_control::running() {
+        if let Err(e) = gpubox_control::Client::connect(&name).and_then(|c| c.hotplug(action, devnode)) {
+            eprintln!("gpuboxctl hotplug {action} {devnode}: {name}: {e}");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn devices(json: bool) -> Result<ExitCode> {

@@ -108,6 +108,21 @@ pub fn restrict(cgroup: &impl AsRawFd, allowed: &[(u32, Option<u32>)]) -> Result
     Ok(prog)
 }
 
+/// Swaps the program on `cgroup`: the new one is attached before the old one goes, so no
+/// access is ever allowed that neither allows (all attached programs must agree).
+pub fn replace(cgroup: &impl AsRawFd, old: &OwnedFd, allowed: &[(u32, Option<u32>)]) -> Result<OwnedFd> {
+    const BPF_PROG_DETACH: libc::c_int = 9;
+    const BPF_CGROUP_DEVICE: u64 = 6;
+    let new = restrict(cgroup, allowed)?;
+    let mut attr = [0u64; 16];
+    attr[0] = cgroup.as_raw_fd() as u32 as u64 | ((old.as_raw_fd() as u64) << 32);
+    attr[1] = BPF_CGROUP_DEVICE;
+    if let Err(e) = bpf(BPF_PROG_DETACH, &mut attr) {
+        bail!("detaching the previous device-cgroup BPF program: {e}");
+    }
+    Ok(new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

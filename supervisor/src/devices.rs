@@ -28,6 +28,7 @@ impl Default for Access {
     }
 }
 
+#[derive(Clone)]
 pub struct Staging {
     dir: PathBuf,
     /// Host ids of the container's uid 0 / gid 0 (0 without a user namespace).
@@ -60,8 +61,7 @@ impl Staging {
     /// Makes the staging node for `node`, owned as `access` says in the container's terms;
     /// returns its path, for the child to bind.
     pub fn stage(&self, node: &Node, access: Access) -> Result<PathBuf> {
-        let file = node.path.to_string_lossy().trim_start_matches('/').replace('/', "-");
-        let source = self.dir.join(file);
+        let source = self.dir.join(Self::file_name(node));
         let _ = std::fs::remove_file(&source);
         mknod(
             &source,
@@ -82,8 +82,22 @@ impl Staging {
         Ok(source)
     }
 
+    /// The host id of the container's root (0 without a user namespace).
+    pub fn host_base(&self) -> u32 {
+        self.host_base
+    }
+
+    /// Removes a node's staging node once it is detached.
+    pub fn unstage(&self, node: &Node) {
+        let _ = std::fs::remove_file(self.dir.join(Self::file_name(node)));
+    }
+
+    fn file_name(node: &Node) -> String {
+        node.path.to_string_lossy().trim_start_matches('/').replace('/', "-")
+    }
+
     /// Removes the directories we made on the host (the tmpfs goes with our namespace).
-    pub fn remove(self) {
+    pub fn remove(&self) {
         let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
         for d in &self.created {
             let _ = std::fs::remove_dir(d);

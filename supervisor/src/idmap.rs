@@ -54,6 +54,16 @@ fn subordinate_ranges() -> Vec<(u32, u32)> {
         .collect()
 }
 
+/// Held while a container of this name runs: a second supervisor for the same name would
+/// share its runtime directory and control socket. Released by the kernel, as above.
+pub fn claim_name(name: &str) -> Result<UnixListener> {
+    let addr = SocketAddr::from_abstract_name(format!("gpubox/name/{name}"))?;
+    UnixListener::bind_addr(&addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!("a container named {name} is already running"),
+        _ => anyhow::Error::new(e).context("claiming the container's name"),
+    })
+}
+
 fn fnv1a(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193))
 }

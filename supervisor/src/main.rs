@@ -4,9 +4,12 @@
 mod capabilities;
 mod cgroup;
 mod child;
+mod control;
 mod devcgroup;
 mod devices;
 mod idmap;
+mod inject;
+mod live;
 mod log;
 mod rootfs;
 mod seccomp;
@@ -32,6 +35,11 @@ fn main() -> ExitCode {
     let target = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["run", "--definition", file] => Target::File(PathBuf::from(file)),
         ["run", name] if !name.starts_with('-') => Target::Name(name.to_owned()),
+        // The supervisor's own mount helpers (see inject.rs); not for people.
+        ["inject", pid, owner, source, target] => {
+            return helper(|| inject::inject(pid.parse()?, owner.parse()?, source.as_ref(), target.as_ref()))
+        }
+        ["eject", pid, target] => return helper(|| inject::eject(pid.parse()?, target.as_ref())),
         ["-h" | "--help"] => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -69,6 +77,16 @@ fn add_driver(selection: &mut gpubox_devices::Selection, driver: gpubox_devices:
     selection.env.push(("LD_LIBRARY_PATH".into(), dirs.join(":")));
 }
 
+fn helper(f: impl FnOnce() -> Result<()>) -> ExitCode {
+    match f() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 enum Target {
     Name(String),
     File(PathBuf),
@@ -91,12 +109,22 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
         Target::Name(name) => SearchPath::from_env().load(name)?,
         Target::File(file) => Sources::from_file(file)?.load()?,
     };
+    let mut start_devices = Vec::new();
     let mut selection = if definition.gpu.devices.is_empty() {
         gpubox_devices::Selection::default()
     } else {
         let inventory = gpubox_devices::Inventory::discover();
-        gpubox_devices::select(&inventory, &definition.gpu.devices, definition.gpu.optional)
-            .map_err(anyhow::Error::msg)?
+        let selection = gpubox_devices::select(&inventory, &definition.gpu.devices, definition.gpu.optional)
+            .map_err(anyhow::Error::msg)?;
+        // Per selector, for status: which nodes each one brought.
+        for selector in &definition.gpu.devices {
+            let one = gpubox_devices::select(&inventory, std::slice::from_ref(selector), true).unwrap_or_default();
+            if !one.nodes.is_empty() {
+                let nodes = one.nodes.iter().map(|n| n.path.clone()).collect();
+                start_devices.push(gpubox_control::Device { name: selector.to_string(), nodes, how: "start".into() });
+            }
+        }
+        selection
     };
     // The host's root already has the driver and its ld cache; a root of our own gets both.
     if definition.gpu.driver_libraries && definition.container.root_directory.is_some() {
@@ -106,5 +134,5 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
             Err(e) => bail!(e),
         }
     }
-    supervise::run(&definition, &selection, mode).context("running the container")
+    supervise::run(&definition, &selection, start_devices, mode).context("running the container")
 }

@@ -6,7 +6,8 @@
 use crate::cgroup::Cgroup;
 use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
-use crate::{capabilities, devcgroup, idmap, log, seccomp, sys, systemd};
+use crate::live::Live;
+use crate::{capabilities, control, devcgroup, idmap, log, seccomp, sys, systemd};
 use anyhow::{Context, Result};
 use gpubox_definition::{Bind, Definition, Network, UserNamespace};
 use gpubox_devices::Selection;
@@ -17,6 +18,7 @@ use nix::unistd::Pid;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How the supervisor was started.
@@ -53,7 +55,12 @@ fn notify(states: &[sd_notify::NotifyState]) {
 
 /// Runs the container to its end; returns the exit status to report (the payload's own,
 /// 128+signal, or 125–127 for a container that never started).
-pub fn run(d: &Definition, selection: &Selection, mode: &Mode) -> Result<i32> {
+pub fn run(
+    d: &Definition,
+    selection: &Selection,
+    start_devices: Vec<gpubox_control::Device>,
+    mode: &Mode,
+) -> Result<i32> {
     let c = &d.container;
     let capabilities = capabilities::for_container(c)?;
     let mut environment = c.environment.clone();
@@ -95,15 +102,12 @@ pub fn run(d: &Definition, selection: &Selection, mode: &Mode) -> Result<i32> {
         hooks_barrier: false,
     };
     let mut plan = plan;
+    let _name = idmap::claim_name(&d.name)?;
     let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
-    let staging = match selection.nodes.is_empty() {
-        true => None,
-        false => Some(Staging::new(&d.name, ids.as_ref().map_or(0, |i| i.host_base))?),
-    };
-    let result = run_staged(d, &mut plan, selection, staging.as_ref(), ids.as_ref(), mode);
-    if let Some(s) = staging {
-        s.remove();
-    }
+    // Always: devices can also come later, by hand or by hotplug.
+    let staging = Staging::new(&d.name, ids.as_ref().map_or(0, |i| i.host_base))?;
+    let result = run_staged(d, &mut plan, selection, start_devices, &staging, ids.as_ref(), mode);
+    staging.remove();
     result
 }
 
@@ -111,27 +115,33 @@ fn run_staged(
     d: &Definition,
     plan: &mut Plan,
     selection: &Selection,
-    staging: Option<&Staging>,
+    start_devices: Vec<gpubox_control::Device>,
+    staging: &Staging,
     ids: Option<&idmap::IdRange>,
     mode: &Mode,
 ) -> Result<i32> {
-    if let Some(staging) = staging {
-        for node in &selection.nodes {
-            let source = staging.stage(node, Access::default())?;
-            plan.devices.push((source, node.path.clone()));
-        }
+    for node in &selection.nodes {
+        let source = staging.stage(node, Access::default())?;
+        plan.devices.push((source, node.path.clone()));
+    }
+    if !selection.names.is_empty() {
         log::info(&format!("devices: {}", selection.names.join(", ")));
     }
     let cgroup = Cgroup::create(&d.name, mode.systemd)?;
+    let mut base_allowed = devcgroup::STANDARD.to_vec();
+    if let Some(console) = plan.console.as_ref().and_then(|c| gpubox_devices::Node::stat(c.clone())) {
+        base_allowed.push((console.major, Some(console.minor)));
+    }
+    let mut program = None;
     if let Some(cg) = &cgroup {
-        let mut allowed = devcgroup::STANDARD.to_vec();
+        let mut allowed = base_allowed.clone();
         allowed.extend(selection.nodes.iter().map(|n| (n.major, Some(n.minor))));
-        if let Some(console) = plan.console.as_ref().and_then(|c| gpubox_devices::Node::stat(c.clone())) {
-            allowed.push((console.major, Some(console.minor)));
-        }
-        if let Err(e) = devcgroup::restrict(cg, &allowed) {
-            cg_cleanup(cgroup);
-            return Err(e);
+        match devcgroup::restrict(cg, &allowed) {
+            Ok(p) => program = Some(p),
+            Err(e) => {
+                cg_cleanup(cgroup);
+                return Err(e);
+            }
         }
     }
     plan.hooks_barrier = !selection.hooks.is_empty();
@@ -235,7 +245,34 @@ fn run_staged(
         log::warn(&format!("{e:#}"));
     }
 
+    let live = Arc::new(Mutex::new(Live {
+        name: d.name.clone(),
+        pid,
+        state: "running",
+        hotplug: d.gpu.hotplug,
+        selectors: d.gpu.devices.clone(),
+        staging: staging.clone(),
+        cgroup: cgroup.as_ref().map(Cgroup::dup_fd).transpose()?,
+        cgroup_path: cgroup.as_ref().map(|c| c.payload.clone()),
+        program,
+        base_allowed,
+        unit: unit.clone(),
+        devices: start_devices,
+        nodes: selection.nodes.clone(),
+    }));
+    if let Err(e) = control::serve(&d.name, live.clone()) {
+        log::warn(&format!("no control socket: {e:#}"));
+    }
+    // A GPU that appeared between discovery and now would have no event left to bring it.
+    if d.gpu.hotplug {
+        if let Err(e) = live.lock().expect("live state lock").hotplug("add", "") {
+            log::warn(&format!("{e:#}"));
+        }
+    }
+
     let status = wait(child, &signals, cgroup.as_ref(), mode)?;
+    live.lock().expect("live state lock").state = "stopping";
+    let _ = std::fs::remove_file(gpubox_control::socket_path(&d.name));
     drop(go);
     let summary = match status {
         WaitStatus::Exited(_, code) => format!("exited with status {code}"),

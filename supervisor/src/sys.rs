@@ -96,3 +96,48 @@ pub fn seccomp_load(program: &[u8]) -> io::Result<()> {
         Ok(())
     }
 }
+
+const OPEN_TREE_CLONE: u32 = 1;
+const OPEN_TREE_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
+const MOVE_MOUNT_F_EMPTY_PATH: u32 = 0x4;
+
+fn cpath(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
+}
+
+/// A detached copy of the mount at `path` (a bind mount not yet attached anywhere), which can
+/// be moved into another mount namespace.
+pub fn open_tree_clone(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    let c = cpath(path)?;
+    // SAFETY: c is NUL-terminated; the flags ask for a new fd and nothing else.
+    let fd =
+        unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor the kernel just returned, owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// Attaches a detached mount (from [`open_tree_clone`]) at `target` in the current namespace.
+pub fn move_mount_to(tree: &std::os::fd::OwnedFd, target: &std::path::Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let c = cpath(target)?;
+    // SAFETY: tree is an open mount fd, the empty path with F_EMPTY_PATH names it, c is
+    // NUL-terminated.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

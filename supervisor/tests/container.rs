@@ -31,8 +31,11 @@ fn definition(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 fn run(text: &str) -> Run {
+    // A name of its own: tests run in parallel, and a name runs once at a time.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let dir = tempfile::tempdir().unwrap();
-    let path = definition(dir.path(), "t", text);
+    let path = definition(dir.path(), &name, text);
     let Output { status, stdout, stderr } = Command::new(SUPERVISOR)
         .args(["run", "--definition"])
         .arg(&path)
@@ -114,7 +117,7 @@ echo lo=$(cat /sys/class/net/lo/operstate)
     );
     assert_eq!(r.code, 0, "{}", r.err);
     assert_eq!(value(&r, "pid"), "1", "the payload is PID 1");
-    assert_eq!(value(&r, "hostname"), "t");
+    assert!(value(&r, "hostname").starts_with(&format!("t{}-", std::process::id())), "the name is the hostname");
     // Docker's default set: chown dac_override fowner fsetid kill setgid setuid setpcap
     // net_bind_service net_raw sys_chroot mknod audit_write setfcap.
     assert_eq!(
@@ -369,7 +372,7 @@ fn failures_are_clear_and_leave_nothing_behind() {
     assert!(r.err.contains("User=nosuchuser: no such user"), "{}", r.err);
     let r = run("[Container]\nExec=/bin/true\nNetwork=bridge\n");
     assert_eq!(r.code, 125);
-    assert!(r.err.contains("t.gpubox:3: [Container] Network=: expected one of none, host"), "{}", r.err);
+    assert!(r.err.contains(".gpubox:3: [Container] Network=: expected one of none, host"), "{}", r.err);
     assert_eq!(host_mounts(), mounts, "no mount leaked to the host");
     assert_eq!(gpubox_cgroups(), Vec::<String>::new(), "no cgroup left behind");
 }
@@ -408,9 +411,13 @@ fn concurrent_containers_get_distinct_id_ranges() {
     if !privileged() {
         return;
     }
+    // Two names whose preferred range is the same (the supervisor starts from a hash of the
+    // name): the second must get another one.
+    let fnv = |s: &str| s.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193)) % 4096;
+    let first = format!("idr{}", std::process::id());
+    let second = (0..100_000).map(|i| format!("idr{i}x")).find(|n| fnv(n) == fnv(&first)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spawn = |name: &str| {
-        // The same name twice: the second must not get the first one's range.
         Command::new(SUPERVISOR)
             .args(["run", "--definition"])
             .arg(definition(dir.path(), name, "[Container]\nExec=/bin/sh -c 'cat /proc/self/uid_map; sleep 1'\n"))
@@ -418,10 +425,27 @@ fn concurrent_containers_get_distinct_id_ranges() {
             .spawn()
             .unwrap()
     };
-    let (a, b) = (spawn("same"), spawn("same"));
+    let (a, b) = (spawn(&first), spawn(&second));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     let base = |o: &Output| String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1).unwrap().to_owned();
     assert_ne!(base(&a), base(&b));
+}
+
+#[test]
+fn a_name_runs_once_at_a_time() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let def = definition(dir.path(), &format!("once{}", std::process::id()), "[Container]\nExec=sleep 2\n");
+    let mut first =
+        Command::new(SUPERVISOR).args(["run", "--definition"]).arg(&def).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let second = Command::new(SUPERVISOR).args(["run", "--definition"]).arg(&def).output().unwrap();
+    assert_eq!(second.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("is already running"));
+    first.kill().unwrap();
+    first.wait().unwrap();
 }
 
 #[test]

@@ -1,0 +1,119 @@
+//! The control protocol between `gpuboxctl` (and the udev rules) and a running supervisor:
+//! D-Bus peer-to-peer over the unix socket `/run/gpubox/NAME/control`, which only root (or
+//! the `gpubox` group) may use. There is no bus daemon: each supervisor serves its own socket.
+//!
+//! Interface `org.gpubox.Container1` at `/org/gpubox/Container`:
+//! `Status() -> s`, `Attach(s selector) -> s`, `Detach(s selector) -> s`,
+//! `Hotplug(s action, s devnode) -> s`, and the signal `Changed(s status)`. Replies are JSON
+//! documents of [`Status`], so that `gpuboxctl --json` passes them on unchanged.
+
+use serde::{Deserialize, Serialize};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const INTERFACE: &str = "org.gpubox.Container1";
+pub const PATH: &str = "/org/gpubox/Container";
+pub const RUN_DIR: &str = "/run/gpubox";
+
+pub fn socket_path(name: &str) -> PathBuf {
+    PathBuf::from(RUN_DIR).join(name).join("control")
+}
+
+/// A running container, as its supervisor reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub name: String,
+    /// `running` or `stopping`.
+    pub state: String,
+    /// The payload's (or the init's) pid in the host's pid namespace.
+    pub pid: i32,
+    pub hotplug: bool,
+    pub devices: Vec<Device>,
+}
+
+/// A device the container holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Device {
+    /// How it is named: the selector form that found it (`drm:card0`, `cdi:…`).
+    pub name: String,
+    pub nodes: Vec<PathBuf>,
+    /// `start`, `hand` (gpuboxctl attach) or `hotplug`.
+    pub how: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("container '{0}' is not running (no control socket at {1})")]
+    NotRunning(String, PathBuf),
+    #[error("{0}: {1}")]
+    Connect(PathBuf, std::io::Error),
+    #[error("{0}")]
+    Call(String),
+    #[error("unexpected reply: {0}")]
+    Reply(#[from] serde_json::Error),
+}
+
+/// A connection to one supervisor.
+pub struct Client {
+    conn: zbus::blocking::Connection,
+}
+
+impl Client {
+    pub fn connect(name: &str) -> Result<Client, Error> {
+        let path = socket_path(name);
+        let stream = match UnixStream::connect(&path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(Error::NotRunning(name.to_owned(), path))
+            }
+            Err(e) => return Err(Error::Connect(path, e)),
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| Error::Connect(path.clone(), e))?;
+        let conn = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
+            .p2p()
+            .build()
+            .map_err(|e| Error::Call(format!("{}: {e}", path.display())))?;
+        Ok(Client { conn })
+    }
+
+    fn call(&self, method: &str, args: &(impl Serialize + zbus::zvariant::DynamicType)) -> Result<Status, Error> {
+        let reply = self.conn.call_method(None::<&str>, PATH, Some(INTERFACE), method, args).map_err(|e| {
+            Error::Call(match e {
+                zbus::Error::MethodError(_, Some(text), _) => text,
+                other => other.to_string(),
+            })
+        })?;
+        let json: String = reply.body().deserialize().map_err(|e| Error::Call(e.to_string()))?;
+        Ok(serde_json::from_str(&json)?)
+    }
+
+    pub fn status(&self) -> Result<Status, Error> {
+        self.call("Status", &())
+    }
+
+    pub fn attach(&self, selector: &str) -> Result<Status, Error> {
+        self.call("Attach", &(selector,))
+    }
+
+    pub fn detach(&self, selector: &str) -> Result<Status, Error> {
+        self.call("Detach", &(selector,))
+    }
+
+    pub fn hotplug(&self, action: &str, devnode: &str) -> Result<Status, Error> {
+        self.call("Hotplug", &(action, devnode))
+    }
+}
+
+/// Names of the containers whose supervisors have a control socket.
+pub fn running() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(RUN_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("control").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}

@@ -1,0 +1,125 @@
+//! The control socket, `/run/gpubox/NAME/control`: D-Bus peer-to-peer, one connection per
+//! client, served on threads once the payload runs. Only root, or members of the `gpubox`
+//! group when it exists, may connect: the socket's mode says so, and each peer's credentials
+//! are checked again on accept.
+
+use crate::live::Live;
+use crate::log;
+use anyhow::{Context, Result};
+use gpubox_control::{socket_path, INTERFACE, PATH};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+
+pub type Shared = Arc<Mutex<Live>>;
+
+struct Container {
+    live: Shared,
+    peers: Peers,
+}
+
+/// Connected clients, by a number of our own, to send them `Changed`.
+type Peers = Arc<Mutex<Vec<(u64, zbus::blocking::Connection)>>>;
+
+fn fail(e: anyhow::Error) -> zbus::fdo::Error {
+    zbus::fdo::Error::Failed(format!("{e:#}"))
+}
+
+impl Container {
+    /// Runs `change` off the D-Bus executor (it blocks: helpers, systemd calls), then tells
+    /// every connected client.
+    async fn change(&self, change: impl FnOnce(&mut Live) -> Result<()> + Send + 'static) -> zbus::fdo::Result<String> {
+        let live = self.live.clone();
+        let status = blocking::unblock(move || {
+            let mut live = live.lock().expect("live state lock");
+            change(&mut live).map(|_| live.status())
+        })
+        .await
+        .map_err(fail)?;
+        let json = serde_json::to_string(&status).map_err(|e| fail(e.into()))?;
+        let peers = self.peers.lock().expect("peers lock").clone();
+        let signal = json.clone();
+        std::thread::spawn(move || {
+            for (_, peer) in peers {
+                let _ = peer.emit_signal(None::<&str>, PATH, INTERFACE, "Changed", &(signal.as_str(),));
+            }
+        });
+        Ok(json)
+    }
+}
+
+#[zbus::interface(name = "org.gpubox.Container1")]
+impl Container {
+    async fn status(&self) -> zbus::fdo::Result<String> {
+        let status = self.live.lock().expect("live state lock").status();
+        serde_json::to_string(&status).map_err(|e| fail(e.into()))
+    }
+
+    async fn attach(&self, selector: String) -> zbus::fdo::Result<String> {
+        self.change(move |live| live.attach(&selector, "hand")).await
+    }
+
+    async fn detach(&self, selector: String) -> zbus::fdo::Result<String> {
+        self.change(move |live| live.detach(&selector)).await
+    }
+
+    async fn hotplug(&self, action: String, devnode: String) -> zbus::fdo::Result<String> {
+        self.change(move |live| live.hotplug(&action, &devnode)).await
+    }
+}
+
+/// Binds the socket and serves it on a thread for as long as the process lives.
+pub fn serve(name: &str, live: Shared) -> Result<()> {
+    let path = socket_path(name);
+    std::fs::create_dir_all(path.parent().expect("socket has a directory"))?;
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    let group = nix::unistd::Group::from_name("gpubox").ok().flatten().map(|g| g.gid);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(if group.is_some() { 0o660 } else { 0o600 }))?;
+    if let Some(gid) = group {
+        nix::unistd::chown(&path, None, Some(gid))?;
+    }
+    let peers: Peers = Arc::default();
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if !allowed(&stream, group) {
+                log::warn("refused a control connection from a peer that is not root");
+                continue;
+            }
+            let (live, peers) = (live.clone(), peers.clone());
+            let _ = std::thread::Builder::new().name("control-peer".into()).spawn(move || {
+                if let Err(e) = serve_peer(stream, live, peers) {
+                    log::warn(&format!("control connection: {e:#}"));
+                }
+            });
+        }
+    })?;
+    Ok(())
+}
+
+fn allowed(stream: &UnixStream, group: Option<nix::unistd::Gid>) -> bool {
+    match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials) {
+        Ok(cred) => cred.uid() == 0 || group.is_some_and(|g| g.as_raw() == cred.gid()),
+        Err(_) => false,
+    }
+}
+
+fn serve_peer(stream: UnixStream, live: Shared, peers: Peers) -> Result<()> {
+    let guid = zbus::Guid::generate();
+    let conn = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
+        .server(guid)?
+        .p2p()
+        .serve_at(PATH, Container { live, peers: peers.clone() })?
+        .build()?;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    peers.lock().expect("peers lock").push((id, conn.clone()));
+    // Wait for the client to go away, then forget it.
+    for message in zbus::blocking::MessageIterator::from(&conn) {
+        if message.is_err() {
+            break;
+        }
+    }
+    peers.lock().expect("peers lock").retain(|(i, _)| *i != id);
+    Ok(())
+}

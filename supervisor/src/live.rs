@@ -1,0 +1,222 @@
+//! A running container's devices, changed while it runs: `gpuboxctl attach/detach` and udev
+//! hotplug events come here through the control socket. Every change holds the lock, so
+//! requests are serialised, and runs permission first on attach (the device cgroup, and
+//! systemd's `DeviceAllow=`) and last on detach, so the container never sees a node it cannot
+//! open; a failed attach is rolled back whole.
+
+use crate::devices::{Access, Staging};
+use crate::{devcgroup, inject, log, systemd};
+use anyhow::{bail, Context, Result};
+use gpubox_control::{Device, Status};
+use gpubox_definition::Selector;
+use gpubox_devices::{select, Inventory, Node};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+pub struct Live {
+    pub name: String,
+    pub pid: i32,
+    pub state: &'static str,
+    pub hotplug: bool,
+    /// The definition's selectors, which hotplug events are matched against.
+    pub selectors: Vec<Selector>,
+    pub staging: Staging,
+    pub cgroup: Option<OwnedFd>,
+    pub cgroup_path: Option<PathBuf>,
+    pub program: Option<OwnedFd>,
+    /// Device numbers every container may use (the standard nodes, its console).
+    pub base_allowed: Vec<(u32, Option<u32>)>,
+    pub unit: Option<String>,
+    pub devices: Vec<Device>,
+    pub nodes: Vec<Node>,
+}
+
+impl Live {
+    pub fn status(&self) -> Status {
+        Status {
+            name: self.name.clone(),
+            state: self.state.to_owned(),
+            pid: self.pid,
+            hotplug: self.hotplug,
+            devices: self.devices.clone(),
+        }
+    }
+
+    /// Attaches what `selector` names now; attaching it again changes nothing.
+    pub fn attach(&mut self, selector: &str, how: &str) -> Result<()> {
+        self.check_running()?;
+        let selector: Selector = selector.parse().map_err(anyhow::Error::msg)?;
+        let name = selector.to_string();
+        if self.devices.iter().any(|d| d.name == name) {
+            return Ok(());
+        }
+        let selection =
+            select(&Inventory::discover(), std::slice::from_ref(&selector), false).map_err(anyhow::Error::msg)?;
+        self.attach_nodes(&name, &selection.nodes, how)
+    }
+
+    /// Detaches what was attached as `selector`; detaching it again changes nothing.
+    pub fn detach(&mut self, selector: &str) -> Result<()> {
+        self.check_running()?;
+        let name = selector.parse::<Selector>().map_err(anyhow::Error::msg)?.to_string();
+        let Some(index) = self.devices.iter().position(|d| d.name == name) else { return Ok(()) };
+        let device = self.devices.remove(index);
+        let going: Vec<Node> = self
+            .nodes
+            .iter()
+            .filter(|n| device.nodes.contains(&n.path) && !self.devices.iter().any(|d| d.nodes.contains(&n.path)))
+            .cloned()
+            .collect();
+        self.detach_nodes(&going)
+    }
+
+    /// A udev event: attach what the definition selects and is not attached yet (add), or
+    /// detach nodes that are gone from the host (remove). Only with `Hotplug=yes`.
+    pub fn hotplug(&mut self, action: &str, devnode: &str) -> Result<()> {
+        if !self.hotplug || self.state != "running" {
+            return Ok(());
+        }
+        match action {
+            "add" | "change" | "bind" => {
+                let inventory = Inventory::discover();
+                for selector in self.selectors.clone() {
+                    let selection =
+                        select(&inventory, std::slice::from_ref(&selector), true).map_err(anyhow::Error::msg)?;
+                    let missing: Vec<Node> =
+                        selection.nodes.into_iter().filter(|n| !self.nodes.iter().any(|m| m.path == n.path)).collect();
+                    if !missing.is_empty() {
+                        self.attach_nodes(&selector.to_string(), &missing, "hotplug")?;
+                    }
+                }
+                Ok(())
+            }
+            "remove" | "unbind" => {
+                let gone: Vec<Node> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.path.as_os_str() == devnode || Node::stat(&n.path).as_ref() != Some(*n))
+                    .cloned()
+                    .collect();
+                self.detach_nodes(&gone)
+            }
+            other => bail!("unknown hotplug action '{other}' (add or remove)"),
+        }
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.state != "running" {
+            bail!("container {} is {}", self.name, self.state);
+        }
+        Ok(())
+    }
+
+    fn attach_nodes(&mut self, name: &str, nodes: &[Node], how: &str) -> Result<()> {
+        let new: Vec<Node> = nodes.iter().filter(|n| !self.nodes.contains(n)).cloned().collect();
+        let mut all = self.nodes.clone();
+        all.extend(new.iter().cloned());
+        self.grant(&all)?;
+        let mut done = Vec::new();
+        for node in &new {
+            let attached = self.staging.stage(node, Access::default()).and_then(|source| {
+                let owner = self.staging.host_base().to_string();
+                let pid = self.pid.to_string();
+                inject::run_helper(&[
+                    "inject".as_ref(),
+                    pid.as_ref(),
+                    owner.as_ref(),
+                    source.as_os_str(),
+                    node.path.as_os_str(),
+                ])
+            });
+            if let Err(e) = attached {
+                for n in &done {
+                    let _ = self.eject(n);
+                }
+                let before = self.nodes.clone();
+                let _ = self.grant(&before);
+                return Err(e).with_context(|| format!("attaching {}", node.path.display()));
+            }
+            done.push(node.clone());
+        }
+        self.nodes = all;
+        let paths: Vec<PathBuf> = nodes.iter().map(|n| n.path.clone()).collect();
+        match self.devices.iter_mut().find(|d| d.name == name) {
+            Some(d) => {
+                for p in paths {
+                    if !d.nodes.contains(&p) {
+                        d.nodes.push(p);
+                    }
+                }
+            }
+            None => self.devices.push(Device { name: name.to_owned(), nodes: paths, how: how.to_owned() }),
+        }
+        log::info(&format!("attached {name} ({how}): {}", describe(&new)));
+        Ok(())
+    }
+
+    fn detach_nodes(&mut self, going: &[Node]) -> Result<()> {
+        if going.is_empty() {
+            return Ok(());
+        }
+        let remaining: Vec<Node> = self.nodes.iter().filter(|n| !going.contains(n)).cloned().collect();
+        self.grant(&remaining)?;
+        self.nodes = remaining;
+        for node in going {
+            self.warn_holders(node);
+            self.eject(node)?;
+            self.staging.unstage(node);
+        }
+        for d in &mut self.devices {
+            d.nodes.retain(|p| !going.iter().any(|n| &n.path == p));
+        }
+        self.devices.retain(|d| !d.nodes.is_empty());
+        log::info(&format!("detached {}", describe(going)));
+        Ok(())
+    }
+
+    fn eject(&self, node: &Node) -> Result<()> {
+        inject::run_helper(&["eject".as_ref(), self.pid.to_string().as_ref(), node.path.as_os_str()])
+    }
+
+    /// Exactly these nodes (plus the standard ones) become usable: the BPF program on the
+    /// payload's cgroup, and under systemd the unit's `DeviceAllow=`.
+    fn grant(&mut self, nodes: &[Node]) -> Result<()> {
+        if let (Some(cgroup), Some(old)) = (&self.cgroup, &self.program) {
+            let mut allowed = self.base_allowed.clone();
+            allowed.extend(nodes.iter().map(|n| (n.major, Some(n.minor))));
+            self.program = Some(devcgroup::replace(cgroup, old, &allowed)?);
+        }
+        if let Some(unit) = &self.unit {
+            systemd::set_device_allow(unit, nodes)?;
+        }
+        Ok(())
+    }
+
+    /// Open descriptors survive a detach (the kernel checks device access at open): say who
+    /// holds one, so an operator knows what still uses the GPU.
+    fn warn_holders(&self, node: &Node) {
+        let Some(procs) = self.cgroup_path.as_ref().and_then(|c| std::fs::read_to_string(c.join("cgroup.procs")).ok())
+        else {
+            return;
+        };
+        for pid in procs.split_whitespace() {
+            let holds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == node.path));
+            if holds {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                log::warn(&format!(
+                    "process {pid} ({}) still has {} open; it keeps that descriptor until it closes it",
+                    comm.trim(),
+                    node.path.display()
+                ));
+            }
+        }
+    }
+}
+
+fn describe(nodes: &[Node]) -> String {
+    nodes.iter().map(|n| n.path.display().to_string()).collect::<Vec<_>>().join(" ")
+}

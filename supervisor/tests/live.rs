@@ -1,0 +1,211 @@
+//! Devices on the fly, standalone (no systemd): attach and detach through the control socket
+//! with gpuboxctl, checked from inside the container; a loop and concurrent requests leave
+//! nothing behind; a client that is not root is refused. The devices are stand-ins named by a
+//! CDI spec (nodes with /dev/fuse's numbers, harmless to open).
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SUPERVISOR: &str = env!("CARGO_BIN_EXE_gpubox-supervisor");
+
+fn ctl() -> PathBuf {
+    Path::new(SUPERVISOR).with_file_name("gpuboxctl")
+}
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() && ctl().exists() {
+        return true;
+    }
+    assert!(std::env::var_os("GPUBOX_REQUIRE_PRIVILEGED").is_none(), "needs root and a built gpuboxctl");
+    eprintln!("skipping: needs root and a built gpuboxctl");
+    false
+}
+
+struct Container {
+    dir: tempfile::TempDir,
+    supervisor: Child,
+    pid: i32,
+}
+
+impl Container {
+    fn start(name: &str) -> Container {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for n in ["s0", "s1"] {
+            nix::sys::stat::mknod(
+                &d.join(n),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+                nix::sys::stat::makedev(10, 229),
+            )
+            .unwrap();
+        }
+        fs::create_dir(d.join("cdi")).unwrap();
+        fs::write(
+            d.join("cdi/standin.yaml"),
+            format!(
+                "cdiVersion: \"0.6.0\"\nkind: example.com/gpu\ndevices:\n  - name: a\n    containerEdits:\n      deviceNodes: [{{path: /dev/standin0, hostPath: {d}/s0}}]\n  - name: b\n    containerEdits:\n      deviceNodes: [{{path: /dev/dri/standin1, hostPath: {d}/s1}}]\n",
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        let def = d.join(format!("{name}.gpubox"));
+        fs::write(&def, "[Container]\nExec=sleep 300\nInit=yes\n[GPU]\nDevice=cdi:example.com/gpu=a\n").unwrap();
+        let supervisor = Command::new(SUPERVISOR)
+            .args(["run", "--definition"])
+            .arg(&def)
+            .env("GPUBOX_CDI_DIRS", d.join("cdi"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut c = Container { dir, supervisor, pid: 0 };
+        let t = Instant::now();
+        while !Path::new(&format!("/run/gpubox/{name}/control")).exists() {
+            assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let status = c.ctl(&["status", name, "--json"]);
+        c.pid = serde_json::from_str::<serde_json::Value>(&status.1).unwrap()["pid"].as_i64().unwrap() as i32;
+        c
+    }
+
+    fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(ctl()).args(args).env("GPUBOX_CDI_DIRS", self.dir.path().join("cdi")).output().unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    /// Runs `script` inside the container: its namespaces, as its root, in its cgroup (so the
+    /// device cgroup applies).
+    fn inside(&self, script: &str) -> String {
+        let cgroup = fs::read_to_string(format!("/proc/{}/cgroup", self.pid)).unwrap();
+        let rel = cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_owned();
+        let mount = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .find(|m| Path::new(m).join(rel.trim_start_matches('/')).join("cgroup.procs").exists())
+            .unwrap();
+        let procs = Path::new(mount).join(rel.trim_start_matches('/')).join("cgroup.procs");
+        let out = Command::new("nsenter")
+            .args(["-t", &self.pid.to_string(), "-a", "sh", "-c", script])
+            .pre_exec_into_cgroup(procs)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    fn mounts_inside(&self) -> usize {
+        fs::read_to_string(format!("/proc/{}/mountinfo", self.pid)).unwrap().lines().count()
+    }
+
+    fn supervisor_fds(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.supervisor.id())).unwrap().count()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.supervisor.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.supervisor.wait();
+    }
+}
+
+trait IntoCgroup {
+    fn pre_exec_into_cgroup(&mut self, procs: PathBuf) -> &mut Self;
+}
+
+impl IntoCgroup for Command {
+    fn pre_exec_into_cgroup(&mut self, procs: PathBuf) -> &mut Self {
+        // SAFETY: the closure only writes a file, which is fine between fork and exec here
+        // (the test process's other threads hold no lock the write needs).
+        unsafe { self.pre_exec(move || fs::write(&procs, "0")) }
+    }
+}
+
+const OPEN: &str =
+    "if [ -c /dev/dri/standin1 ] && (exec 3<> /dev/dri/standin1); then echo present; else echo absent; fi";
+
+#[test]
+fn attach_and_detach_by_hand() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start("live-hand");
+    assert_eq!(c.inside(OPEN), "absent");
+    assert_eq!(c.inside("(exec 3<> /dev/standin0) && echo ok"), "ok", "the device from the start");
+    let (code, out, err) = c.ctl(&["attach", "live-hand", "cdi:example.com/gpu=b"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cdi:example.com/gpu=b (hand): /dev/dri/standin1"), "{out}");
+    assert_eq!(c.inside(OPEN), "present", "attached and usable inside");
+    // Idempotent both ways.
+    assert_eq!(c.ctl(&["attach", "live-hand", "cdi:example.com/gpu=b"]).0, 0);
+    assert_eq!(c.ctl(&["detach", "live-hand", "cdi:example.com/gpu=b"]).0, 0);
+    assert_eq!(c.ctl(&["detach", "live-hand", "cdi:example.com/gpu=b"]).0, 0);
+    assert_eq!(c.inside(OPEN), "absent");
+    assert_eq!(c.inside("ls /dev/dri | wc -l"), "0", "no mount point left behind");
+    assert_eq!(c.inside("(exec 3<> /dev/standin0) && echo ok"), "ok", "the other device is untouched");
+    // Errors: a selector that matches nothing, a container that is not running.
+    let (code, _, err) = c.ctl(&["attach", "live-hand", "cdi:example.com/gpu=zzz"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("example.com/gpu=zzz"), "{err}");
+    assert_eq!(c.ctl(&["status", "no-such-container"]).0, 3);
+}
+
+#[test]
+fn two_hundred_cycles_and_concurrent_requests_leak_nothing() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start("live-loop");
+    let (mounts, fds) = (c.mounts_inside(), c.supervisor_fds());
+    let host_mounts = fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let t = Instant::now();
+    for _ in 0..200 {
+        assert_eq!(c.ctl(&["attach", "live-loop", "cdi:example.com/gpu=b"]).0, 0);
+        assert_eq!(c.ctl(&["detach", "live-loop", "cdi:example.com/gpu=b"]).0, 0);
+    }
+    eprintln!("200 attach/detach cycles: {:?} ({:?} per round trip)", t.elapsed(), t.elapsed() / 400);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..25 {
+                    c.ctl(&["attach", "live-loop", "cdi:example.com/gpu=b"]);
+                    c.ctl(&["detach", "live-loop", "cdi:example.com/gpu=b"]);
+                }
+            });
+        }
+    });
+    // Whatever order they ran in, one more detach settles it.
+    assert_eq!(c.ctl(&["detach", "live-loop", "cdi:example.com/gpu=b"]).0, 0);
+    assert_eq!(c.inside(OPEN), "absent");
+    assert_eq!(c.mounts_inside(), mounts, "mounts inside");
+    assert_eq!(fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count(), host_mounts, "mounts on the host");
+    assert_eq!(c.supervisor_fds(), fds, "descriptors in the supervisor");
+    let staging =
+        fs::read_dir(format!("/proc/{}/root/run/gpubox/live-loop/devices", c.supervisor.id())).unwrap().count();
+    assert_eq!(staging, 1, "only the start device's staging node");
+}
+
+#[test]
+fn a_client_that_is_not_root_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start("live-perm");
+    let out = Command::new(ctl()).args(["status", "live-perm"]).uid(65534).gid(65534).output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.ctl(&["status", "live-perm"]).0, 0, "root still can");
+}
