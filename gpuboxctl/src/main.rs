@@ -28,6 +28,8 @@ enum Command {
     Attach { name: String, selector: String },
     /// Detaches what was attached with this selector.
     Detach { name: String, selector: String },
+    /// Prints a shell completion script: gpuboxctl completions bash > /etc/bash_completion.d/gpuboxctl
+    Completions { shell: clap_complete::Shell },
     /// For the udev rules: tells every running container that a device came or went.
     Hotplug {
         #[arg(value_parser = ["add", "remove", "change", "bind", "unbind"])]
@@ -49,6 +51,15 @@ fn main() -> ExitCode {
         Command::Detach { name, selector } => with_client(&name, cli.json, |c| c.detach(&selector)),
         Command::Hotplug { action, devnode } => Ok(hotplug(&action, &devnode)),
         Command::Devices => devices(cli.json),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "gpuboxctl",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { files } => validate(&files, cli.json),
     };
     match result {
@@ -152,8 +163,28 @@ fn hotplug(action: &str, devnode: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Which running containers hold each node.
+fn holders() -> Vec<(String, Vec<PathBuf>)> {
+    gpubox_control::running()
+        .into_iter()
+        .filter_map(|name| {
+            let status = gpubox_control::Client::connect(&name).and_then(|c| c.status()).ok()?;
+            Some((name, status.devices.into_iter().flat_map(|d| d.nodes).collect()))
+        })
+        .collect()
+}
+
+fn held_by(holders: &[(String, Vec<PathBuf>)], nodes: &[&std::path::Path]) -> Vec<String> {
+    holders
+        .iter()
+        .filter(|(_, held)| held.iter().any(|h| nodes.contains(&h.as_path())))
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 fn devices(json: bool) -> Result<ExitCode> {
     let inventory = Inventory::discover();
+    let holders = holders();
     if json {
         let gpus: Vec<serde_json::Value> = inventory
             .gpus
@@ -161,6 +192,8 @@ fn devices(json: bool) -> Result<ExitCode> {
             .map(|g| {
                 let mut v = serde_json::to_value(g).expect("serialisable");
                 v["selectors"] = selector_forms(g).into();
+                let nodes: Vec<&std::path::Path> = g.nodes.iter().map(|n| n.path.as_path()).collect();
+                v["containers"] = held_by(&holders, &nodes).into();
                 v
             })
             .collect();
@@ -168,26 +201,39 @@ fn devices(json: bool) -> Result<ExitCode> {
             .cdi
             .devices()
             .into_iter()
-            .map(|(q, spec, _)| serde_json::json!({"name": format!("cdi:{q}"), "spec": spec.path}))
+            .map(|(q, spec, device)| {
+                let nodes: Vec<&std::path::Path> = device.edits.device_nodes.iter().map(|n| n.path.as_path()).collect();
+                serde_json::json!({"name": format!("cdi:{q}"), "spec": spec.path, "nodes": nodes, "containers": held_by(&holders, &nodes)})
+            })
             .collect();
         let out = serde_json::json!({"gpus": gpus, "cdi": cdi, "backends": inventory.backends, "cdi_problems": inventory.cdi.problems});
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let mut rows = vec![["GPU".to_owned(), "DRIVER".into(), "NODES".into(), "ALSO SELECTED BY".into()]];
+    let mut rows =
+        vec![["GPU".to_owned(), "DRIVER".into(), "NODES".into(), "CONTAINERS".into(), "ALSO SELECTED BY".into()]];
     for g in &inventory.gpus {
         let forms = selector_forms(g);
-        let nodes: Vec<String> = g.nodes.iter().map(|n| n.path.display().to_string()).collect();
+        let nodes: Vec<&std::path::Path> = g.nodes.iter().map(|n| n.path.as_path()).collect();
+        let containers = held_by(&holders, &nodes);
         rows.push([
             forms.first().cloned().unwrap_or_default(),
             g.driver.clone().unwrap_or_else(|| "-".into()),
-            nodes.join(" "),
+            nodes.iter().map(|n| n.display().to_string()).collect::<Vec<_>>().join(" "),
+            if containers.is_empty() { "-".into() } else { containers.join(",") },
             forms[1..].join(" "),
         ]);
     }
     for (q, spec, device) in inventory.cdi.devices() {
-        let nodes: Vec<String> = device.edits.device_nodes.iter().map(|n| n.path.display().to_string()).collect();
-        rows.push([format!("cdi:{q}"), "cdi".into(), nodes.join(" "), spec.path.display().to_string()]);
+        let nodes: Vec<&std::path::Path> = device.edits.device_nodes.iter().map(|n| n.path.as_path()).collect();
+        let containers = held_by(&holders, &nodes);
+        rows.push([
+            format!("cdi:{q}"),
+            "cdi".into(),
+            nodes.iter().map(|n| n.display().to_string()).collect::<Vec<_>>().join(" "),
+            if containers.is_empty() { "-".into() } else { containers.join(",") },
+            spec.path.display().to_string(),
+        ]);
     }
     if rows.len() == 1 {
         println!("No GPUs found.");
@@ -205,10 +251,10 @@ fn devices(json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_table(rows: &[[String; 4]]) {
-    let widths: Vec<usize> = (0..4).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let widths: Vec<usize> = (0..N).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     for r in rows {
-        let line: Vec<String> = (0..4).map(|i| format!("{:w$}", r[i], w = widths[i])).collect();
+        let line: Vec<String> = (0..N).map(|i| format!("{:w$}", r[i], w = widths[i])).collect();
         println!("{}", line.join("  ").trim_end());
     }
 }

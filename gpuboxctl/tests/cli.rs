@@ -55,3 +55,12 @@ fn devices_says_cleanly_when_nvml_is_absent() {
 fn bad_usage_exits_2() {
     assert_eq!(ctl(&["frobnicate"], "/nonexistent").0, 2);
 }
+
+#[test]
+fn shell_completions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out) = ctl(&["completions", shell], "/nonexistent");
+        assert_eq!(code, 0);
+        assert!(out.contains("attach") && out.contains("hotplug"), "{shell}");
+    }
+}

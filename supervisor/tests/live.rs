@@ -145,6 +145,11 @@ fn attach_and_detach_by_hand() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("cdi:example.com/gpu=b (hand): /dev/dri/standin1"), "{out}");
     assert_eq!(c.inside(OPEN), "present", "attached and usable inside");
+    let (_, devices, _) = c.ctl(&["devices", "--json"]);
+    let devices: serde_json::Value = serde_json::from_str(&devices).unwrap();
+    let b = devices["cdi"].as_array().unwrap().iter().find(|d| d["name"] == "cdi:example.com/gpu=b").unwrap();
+    // (Other tests' containers hold a node of the same path at the same time.)
+    assert!(b["containers"].as_array().unwrap().contains(&"live-hand".into()), "gpuboxctl devices says who holds it");
     // Idempotent both ways.
     assert_eq!(c.ctl(&["attach", "live-hand", "cdi:example.com/gpu=b"]).0, 0);
     assert_eq!(c.ctl(&["detach", "live-hand", "cdi:example.com/gpu=b"]).0, 0);
