@@ -1,5 +1,8 @@
 //! `gpuboxctl`, the command line for people. Exit status: 0 success, 1 the operation failed
-//! (or `validate` found errors), 2 bad usage, 3 the container is not running.
+//! (or `validate` found errors), 2 bad usage, 3 the container is not running; `run`: the
+//! payload's status, 128+N if it was killed by signal N, 125 if the container could not start.
+
+mod run;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -20,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs a one-off container as a transient unit (standalone where systemd is not PID 1).
+    Run(run::RunArgs),
     /// Containers: every definition, and the state and devices of those that run.
     List,
     /// One running container: state, payload pid, devices and how they came.
@@ -45,6 +50,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run::run(args),
         Command::List => list(cli.json),
         Command::Status { name } => with_client(&name, cli.json, |c| c.status()),
         Command::Attach { name, selector } => with_client(&name, cli.json, |c| c.attach(&selector)),

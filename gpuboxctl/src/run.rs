@@ -1,0 +1,413 @@
+//! `gpuboxctl run`: a one-off container, like `systemd-run --wait --pipe`.
+//!
+//! The options become a definition file `/run/gpubox/NAME.gpubox`, checked by the definition
+//! crate before anything starts. Where systemd is PID 1, the supervisor runs it as the transient
+//! unit `NAME.service`, with our stdin/stdout/stderr, and we wait for the unit to end; elsewhere
+//! the supervisor runs as our child. Either way the file is removed afterwards and we exit with
+//! the payload's status (128+N if it was killed by signal N), 125 if the container could not be
+//! started, 2 for bad usage (clap).
+
+use anyhow::{bail, Context, Result};
+use gpubox_definition::{SearchPath, Sources};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+/// Where the temporary definition goes: a search path, so that `status`, `attach` and hotplug
+/// find the container by name like any other.
+const RUN_DIR: &str = "/run/gpubox";
+/// The container could not be started (as the supervisor and `podman run` use it).
+const CANNOT_START: u8 = 125;
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// A GPU to give the container (repeatable): all, nvidia:INDEX, nvidia:UUID,
+    /// pci:DOMAIN:BUS:DEV.FN, drm:card1, vendor:10de, cdi:VENDOR/CLASS=NAME.
+    #[arg(long = "gpu", value_name = "SELECTOR")]
+    pub gpus: Vec<String>,
+    /// The container's root directory (default: the host's / read-only).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Network namespace: none (the default, a private one with loopback only) or host.
+    #[arg(long, value_name = "MODE", value_parser = ["host", "none"])]
+    pub network: Option<String>,
+    /// Bind a host path into the container (repeatable).
+    #[arg(long = "bind", value_name = "SRC[:DST]")]
+    pub binds: Vec<String>,
+    /// Set an environment variable (repeatable); NAME alone passes on this environment's value.
+    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = env_assignment)]
+    pub env: Vec<String>,
+    /// The user the command runs as inside: a name, UID or UID:GID.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Name of the container and its unit NAME.service (default: gpu-run-XXXXXXXX).
+    #[arg(long, value_parser = valid_name)]
+    pub name: Option<String>,
+    /// The command and its arguments, passed on exactly.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Runs the container to its end. Never returns `Err`: a failure is printed and becomes exit
+/// status 125, which the caller could not tell from the payload's own status otherwise.
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    Ok(ExitCode::from(run_to_end(&args).unwrap_or_else(|e| {
+        eprintln!("gpuboxctl: cannot run the container: {e:#}");
+        CANNOT_START
+    })))
+}
+
+fn run_to_end(args: &RunArgs) -> Result<u8> {
+    // Before anything that could leave the file behind, and before zbus starts threads (which
+    // inherit the mask): these signals now wait for us in `Signals::wait`.
+    let signals = Signals::block()?;
+    let supervisor = find_supervisor()?;
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => random_name()?,
+    };
+    if let Ok(existing) = SearchPath::default().find(&name) {
+        bail!("a definition named '{name}' exists already ({}); choose another --name", existing.main.display());
+    }
+    let file = TempFile::create(&name, &definition(args)?)?;
+    Sources::from_file(&file.0)?.load()?;
+    if Path::new("/run/systemd/system").exists() {
+        systemd::run(&name, &file.0, &supervisor, &args.command, &signals)
+    } else {
+        foreground(&file.0, &supervisor, &signals)
+    }
+}
+
+/// The definition text for these options.
+fn definition(args: &RunArgs) -> Result<String> {
+    let mut text = String::from("[Container]\n");
+    let exec: Vec<String> = args.command.iter().map(|w| quote(w)).collect();
+    writeln!(text, "Exec={}", exec.join(" "))?;
+    if let Some(root) = &args.root {
+        let root = std::path::absolute(root).with_context(|| format!("--root {}", root.display()))?;
+        writeln!(text, "RootDirectory={}", quote(&root.to_string_lossy()))?;
+    }
+    if let Some(network) = &args.network {
+        writeln!(text, "Network={network}")?;
+    }
+    if let Some(user) = &args.user {
+        writeln!(text, "User={}", quote(user))?;
+    }
+    for e in &args.env {
+        writeln!(text, "Environment={}", quote(e))?;
+    }
+    for b in &args.binds {
+        writeln!(text, "Bind={}", quote(&absolute_bind_source(b)?))?;
+    }
+    if !args.gpus.is_empty() {
+        text.push_str("[GPU]\n");
+        for g in &args.gpus {
+            writeln!(text, "Device={}", quote(g))?;
+        }
+    }
+    Ok(text)
+}
+
+/// Quotes one word so that gpubox's systemd-style word splitting and specifier expansion
+/// (definition/src/words.rs) give it back exactly.
+fn quote(word: &str) -> String {
+    let mut out = String::with_capacity(word.len() + 2);
+    out.push('"');
+    for c in word.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '%' => out.push_str("%%"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_ascii_control() => write!(out, "\\x{:02x}", c as u32).expect("writing to a String"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `--bind SRC[:DST]` with a relative SRC taken from the current directory, as a person means
+/// it; without DST, the container sees it at that same absolute path.
+fn absolute_bind_source(bind: &str) -> Result<String> {
+    let (optional, spec) = bind.strip_prefix('-').map_or(("", bind), |rest| ("-", rest));
+    let (source, destination) = spec.split_once(':').map_or((spec, None), |(s, d)| (s, Some(d)));
+    if source.is_empty() || source.starts_with('/') {
+        return Ok(bind.to_owned());
+    }
+    let source = std::path::absolute(source).with_context(|| format!("--bind {bind}"))?;
+    let destination = destination.map(|d| format!(":{d}")).unwrap_or_default();
+    Ok(format!("{optional}{}{destination}", source.display()))
+}
+
+/// `--env NAME` alone takes the value from this environment, as `systemd-run --setenv` does.
+fn env_assignment(arg: &str) -> Result<String, String> {
+    if arg.contains('=') {
+        return Ok(arg.to_owned());
+    }
+    match std::env::var(arg) {
+        Ok(value) => Ok(format!("{arg}={value}")),
+        Err(_) => Err(format!("'{arg}' has no '=' and is not set in this environment")),
+    }
+}
+
+/// A name that can be a definition's and a unit's (bad usage otherwise, not a failed start).
+fn valid_name(name: &str) -> Result<String, String> {
+    match gpubox_definition::check_name(name, Path::new(RUN_DIR)) {
+        Ok(()) => Ok(name.to_owned()),
+        Err(gpubox_definition::Error::Definition { message, .. }) => Err(message),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn random_name() -> Result<String> {
+    let mut bytes = [0u8; 4];
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom")?;
+    Ok(format!("gpu-run-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+/// `gpubox-supervisor` next to this binary (an installation or a cargo build), else in `$PATH`.
+fn find_supervisor() -> Result<PathBuf> {
+    const SUPERVISOR: &str = "gpubox-supervisor";
+    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(SUPERVISOR)));
+    let in_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    beside
+        .into_iter()
+        .chain(in_path.map(|dir| dir.join(SUPERVISOR)))
+        .find(|p| p.is_file())
+        .and_then(|p| std::path::absolute(p).ok())
+        .with_context(|| format!("{SUPERVISOR} is neither next to gpuboxctl nor in $PATH"))
+}
+
+/// The temporary definition file, removed when dropped: on every way out but SIGKILL.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn create(name: &str, text: &str) -> Result<TempFile> {
+        fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+        let path = Path::new(RUN_DIR).join(format!("{name}{}", gpubox_definition::SUFFIX));
+        // Never another's file; 0600 because environment values may be secrets.
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let guard = TempFile(path);
+        file.write_all(text.as_bytes()).with_context(|| format!("writing {}", guard.0.display()))?;
+        Ok(guard)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_file(&self.0) {
+            eprintln!("gpuboxctl: removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// Status of a process that ended, the way a shell reports it.
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => (128 + signal) as u8,
+        (None, None) => CANNOT_START,
+    }
+}
+
+/// Without systemd: the supervisor as our child, in our process group (so it has the terminal
+/// and gets the terminal's signals itself); signals sent to us alone are passed on.
+fn foreground(file: &Path, supervisor: &Path, signals: &Signals) -> Result<u8> {
+    let mut child = Command::new(supervisor)
+        .args(["run", "--definition"])
+        .arg(file)
+        // They would name a service manager that is not the supervisor's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("INVOCATION_ID")
+        .spawn()
+        .with_context(|| format!("starting {}", supervisor.display()))?;
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for the supervisor")? {
+            return Ok(exit_code(status));
+        }
+        if let Some((signal, from_terminal)) = signals.wait(None) {
+            if signal != libc::SIGCHLD && !from_terminal {
+                // SAFETY: kill(2) on our own child, which we have not reaped yet.
+                unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+            }
+        }
+    }
+}
+
+/// SIGINT, SIGTERM, SIGHUP and SIGCHLD, blocked in every thread and taken when we ask.
+struct Signals(libc::sigset_t);
+
+impl Signals {
+    fn block() -> Result<Signals> {
+        // SAFETY: plain libc signal-set calls on a local set; pthread_sigmask changes only
+        // this thread's mask (threads started later inherit it). Children get an empty mask
+        // from std::process::Command.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD] {
+                libc::sigaddset(&mut set, s);
+            }
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            if rc != 0 {
+                bail!("blocking signals: {}", std::io::Error::from_raw_os_error(rc));
+            }
+            Ok(Signals(set))
+        }
+    }
+
+    /// The next of our signals, waiting at most `timeout` (forever for None), and whether the
+    /// terminal sent it (Ctrl-C reaches the whole foreground process group by itself).
+    fn wait(&self, timeout: Option<Duration>) -> Option<(i32, bool)> {
+        let timeout = timeout.map(|t| libc::timespec { tv_sec: t.as_secs() as _, tv_nsec: t.subsec_nanos() as _ });
+        // SAFETY: siginfo_t is plain data; the set and the timeout outlive the call.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let signal = match &timeout {
+                Some(t) => libc::sigtimedwait(&self.0, &mut info, t),
+                None => libc::sigwaitinfo(&self.0, &mut info),
+            };
+            (signal > 0).then_some((signal, info.si_code == libc::SI_KERNEL))
+        }
+    }
+}
+
+/// The transient unit, started and watched through systemd's D-Bus API.
+mod systemd {
+    use super::{Signals, CANNOT_START};
+    use anyhow::{Context, Result};
+    use std::io::IsTerminal;
+    use std::os::fd::AsFd;
+    use std::path::Path;
+    use std::time::Duration;
+    use zbus::blocking::{Connection, Proxy};
+    use zbus::zvariant::{Fd, OwnedObjectPath, OwnedValue, Value};
+
+    const SYSTEMD: &str = "org.freedesktop.systemd1";
+    const UNIT: &str = "org.freedesktop.systemd1.Unit";
+    const SERVICE: &str = "org.freedesktop.systemd1.Service";
+    const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
+    /// How often the unit's state is read while it runs: often at first, so that a short
+    /// command ends promptly, then every half second at most.
+    const FIRST_POLL: Duration = Duration::from_millis(10);
+    const LAST_POLL: Duration = Duration::from_millis(500);
+    /// `si_code` values systemd reports in ExecMainCode.
+    const CLD_EXITED: i32 = 1;
+
+    pub fn run(name: &str, file: &Path, supervisor: &Path, command: &[String], signals: &Signals) -> Result<u8> {
+        let unit = format!("{name}.service");
+        let conn = Connection::system().context("connecting to the system bus")?;
+        let manager = Proxy::new(&conn, SYSTEMD, "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")?;
+        let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+        let supervisor_path = supervisor.to_string_lossy().into_owned();
+        let exec_start = vec![(
+            supervisor_path.clone(),
+            vec![supervisor_path, "run".into(), "--definition".into(), file.to_string_lossy().into_owned()],
+            false,
+        )];
+        // What units/gpu@.service says, plus what `systemd-run --wait --pipe` adds.
+        let mut environment = vec!["GPUBOX_STOP_TIMEOUT=25".to_owned()];
+        // The supervisor's own settings (test stand-ins, search paths) follow us, as they
+        // would to a foreground supervisor.
+        environment.extend(std::env::vars().filter(|(k, _)| k.starts_with("GPUBOX_")).map(|(k, v)| format!("{k}={v}")));
+        let description = format!("gpubox one-off container: {}", command.join(" "));
+        let properties: Vec<(&str, Value)> = vec![
+            ("Description", description.chars().take(200).collect::<String>().into()),
+            ("ExecStart", exec_start.into()),
+            ("Type", "notify".into()),
+            ("NotifyAccess", "main".into()),
+            ("Delegate", true.into()),
+            ("DevicePolicy", "closed".into()),
+            ("KillMode", "mixed".into()),
+            ("Slice", "machine.slice".into()),
+            ("Environment", environment.into()),
+            ("TimeoutStartUSec", 90_000_000u64.into()),
+            ("TimeoutStopUSec", 30_000_000u64.into()),
+            ("RuntimeDirectory", vec![format!("gpubox/{name}")].into()),
+            ("RuntimeDirectoryMode", 0o700u32.into()),
+            ("StandardInputFileDescriptor", Fd::from(stdin.as_fd()).into()),
+            ("StandardOutputFileDescriptor", Fd::from(stdout.as_fd()).into()),
+            ("StandardErrorFileDescriptor", Fd::from(stderr.as_fd()).into()),
+            // The unit stays loaded, for its exit status, until this connection closes.
+            ("AddRef", true.into()),
+            ("CollectMode", "inactive-or-failed".into()),
+        ];
+        let aux: Vec<(&str, Vec<(&str, Value)>)> = Vec::new();
+        let _job: OwnedObjectPath = manager
+            .call("StartTransientUnit", &(&unit, "fail", properties, aux))
+            .with_context(|| format!("starting {unit} through systemd"))?;
+        if std::io::stderr().is_terminal() {
+            eprintln!("Running as unit: {unit}");
+        }
+        let path: OwnedObjectPath = manager.call("GetUnit", &(&unit,)).with_context(|| format!("finding {unit}"))?;
+        let get = |interface: &str, property: &str| -> Result<OwnedValue> {
+            let reply = conn
+                .call_method(Some(SYSTEMD), &path, Some(PROPERTIES), "Get", &(interface, property))
+                .with_context(|| format!("reading {property} of {unit}"))?;
+            Ok(reply.body().deserialize::<OwnedValue>()?)
+        };
+        let mut poll = FIRST_POLL;
+        loop {
+            if let Some((signal, _)) = signals.wait(Some(poll)) {
+                if signal != libc::SIGCHLD {
+                    // Stop it as `systemctl stop` would, and see it through to its end.
+                    let stop: Result<OwnedObjectPath, _> = manager.call("StopUnit", &(&unit, "replace"));
+                    if let Err(e) = stop {
+                        eprintln!("gpuboxctl: stopping {unit}: {e}");
+                    }
+                }
+            }
+            let state = String::try_from(get(UNIT, "ActiveState")?)?;
+            // A pending job (the start, before it runs) means it is not over yet.
+            let (job, _) = <(u32, OwnedObjectPath)>::try_from(get(UNIT, "Job")?)?;
+            if job == 0 && (state == "inactive" || state == "failed") {
+                break;
+            }
+            poll = (poll * 2).min(LAST_POLL);
+        }
+        let code = i32::try_from(get(SERVICE, "ExecMainCode")?)?;
+        let status = i32::try_from(get(SERVICE, "ExecMainStatus")?)?;
+        let result = String::try_from(get(SERVICE, "Result")?)?;
+        let ever_active = u64::try_from(get(UNIT, "ActiveEnterTimestampMonotonic")?)? != 0;
+        // Let it go now rather than when the bus notices our exit: gone for the next systemctl.
+        let _ = manager.call_method("UnrefUnit", &(&unit,));
+        // The supervisor exits with the payload's status. systemd's own failures to run it
+        // (no process at all, or 200–243 before it ever said READY=1) mean no container.
+        if code == 0 || (code == CLD_EXITED && !ever_active && (200..=243).contains(&status)) {
+            eprintln!(
+                "gpuboxctl: systemd could not start {unit} (result {result}, exit status {status}); see journalctl -u {unit}"
+            );
+            return Ok(CANNOT_START);
+        }
+        Ok(if code == CLD_EXITED { status as u8 } else { (128 + status) as u8 })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote;
+    use gpubox_definition::words::{split, Specifiers};
+
+    #[test]
+    fn quoted_words_split_back_exactly() {
+        let specifiers = Specifiers { instance: "x" };
+        for word in ["", "a b", " \x01\x1b\x7f\r\n\t ", "%i %% 100%", r#"\"'\x41\\"#, "é ✓", "#;"] {
+            let words = split(&quote(word)).unwrap();
+            assert_eq!(words.len(), 1, "{word:?}");
+            assert_eq!(specifiers.expand(&words[0]).unwrap(), word);
+        }
+    }
+}
