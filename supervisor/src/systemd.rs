@@ -35,5 +35,16 @@ pub fn set_device_allow(unit: &str, nodes: &[Node]) -> Result<()> {
     manager(&conn)?
         .call_method("SetUnitProperties", &(unit, true, properties))
         .with_context(|| format!("setting DeviceAllow= of {unit} through systemd"))?;
+    if nodes.is_empty() {
+        forget_runtime_dropin(unit);
+    }
     Ok(())
+}
+
+/// systemd keeps runtime properties in a drop-in; once the list is reset in memory, that file
+/// says only "DeviceAllow=" and goes too, so a stopped unit has nothing of ours left.
+fn forget_runtime_dropin(unit: &str) {
+    let dir = std::path::Path::new("/run/systemd/system.control").join(format!("{unit}.d"));
+    let _ = std::fs::remove_file(dir.join("50-DeviceAllow.conf"));
+    let _ = std::fs::remove_dir(&dir);
 }
