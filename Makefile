@@ -28,7 +28,10 @@ install: build
 	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' units/gpu@.service \
 		> $(DESTDIR)$(SYSTEMUNITDIR)/gpu@.service
 	chmod 0644 $(DESTDIR)$(SYSTEMUNITDIR)/gpu@.service
-	install -m 0644 udev-rules/*.rules $(DESTDIR)$(UDEVRULESDIR)/
+	for rules in udev-rules/*.rules; do \
+		sed -e 's|@BINDIR@|$(BINDIR)|g' $$rules > $(DESTDIR)$(UDEVRULESDIR)/$$(basename $$rules); \
+		chmod 0644 $(DESTDIR)$(UDEVRULESDIR)/$$(basename $$rules); \
+	done
 	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
 	install -m 0644 examples/*.gpubox $(DESTDIR)$(DOCDIR)/examples/
 
@@ -52,3 +55,12 @@ demo:
 	tests/install-deps
 	$(CARGO) build --release --locked -p gpubox-supervisor
 	$(TARGET_DIR)/release/gpubox-supervisor run --definition examples/hello.gpubox
+
+# System tests in a VM (tests/vm/README.md): the scenarios that pass today, or boot the VM with
+# gpubox installed and a root shell on its serial console. Both need root.
+.PHONY: vm-test vm-shell
+vm-test:
+	tests/vm/run $(VM_SCENARIOS)
+
+vm-shell:
+	tests/vm/shell

@@ -187,7 +187,8 @@ impl Live {
             self.program = Some(devcgroup::replace(cgroup, old, &allowed)?);
         }
         if let Some(unit) = &self.unit {
-            systemd::set_device_allow(unit, nodes)?;
+            let paths: Vec<&std::path::Path> = nodes.iter().map(|n| n.path.as_path()).collect();
+            systemd::set_device_allow(unit, &paths)?;
         }
         Ok(())
     }

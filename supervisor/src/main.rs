@@ -40,6 +40,10 @@ fn main() -> ExitCode {
             return helper(|| inject::inject(pid.parse()?, owner.parse()?, source.as_ref(), target.as_ref()))
         }
         ["eject", pid, target] => return helper(|| inject::eject(pid.parse()?, target.as_ref())),
+        ["device-allow", unit, ref nodes @ ..] => {
+            let nodes: Vec<&std::path::Path> = nodes.iter().map(|n| n.as_ref()).collect();
+            return helper(|| systemd::set_device_allow(unit, &nodes));
+        }
         ["-h" | "--help"] => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -120,6 +120,19 @@ fn run_staged(
     ids: Option<&idmap::IdRange>,
     mode: &Mode,
 ) -> Result<i32> {
+    let cgroup = Cgroup::create(&d.name, mode.systemd)?;
+    // Under systemd, systemd grants the nodes (DeviceAllow=), and must before the staging nodes
+    // are made: DevicePolicy=closed covers mknod too. zbus would start threads, and the clone
+    // below needs a single-threaded process, so a helper process makes the call.
+    let unit = cgroup.as_ref().filter(|c| c.delegated).and_then(|_| systemd::own_unit());
+    if let (Some(unit), false) = (&unit, selection.nodes.is_empty()) {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["device-allow".as_ref(), unit.as_ref()];
+        args.extend(selection.nodes.iter().map(|n| n.path.as_os_str()));
+        if let Err(e) = crate::inject::run_helper(&args) {
+            cg_cleanup(cgroup);
+            return Err(e);
+        }
+    }
     for node in &selection.nodes {
         let source = staging.stage(node, Access::default())?;
         plan.devices.push((source, node.path.clone()));
@@ -127,7 +140,6 @@ fn run_staged(
     if !selection.names.is_empty() {
         log::info(&format!("devices: {}", selection.names.join(", ")));
     }
-    let cgroup = Cgroup::create(&d.name, mode.systemd)?;
     let mut base_allowed = devcgroup::STANDARD.to_vec();
     if let Some(console) = plan.console.as_ref().and_then(|c| gpubox_devices::Node::stat(c.clone())) {
         base_allowed.push((console.major, Some(console.minor)));
@@ -183,16 +195,6 @@ fn run_staged(
             .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), &map))
             .context("writing the user-namespace id map");
         if let Err(e) = mapped {
-            let _ = signal::kill(child, Signal::SIGKILL);
-            let _ = waitpid(child, None);
-            cleanup(cgroup);
-            return Err(e);
-        }
-    }
-    // Under systemd, systemd grants the nodes (DeviceAllow=); the BPF program above narrows.
-    let unit = cgroup.as_ref().filter(|c| c.delegated).and_then(|_| systemd::own_unit());
-    if let Some(unit) = &unit {
-        if let Err(e) = systemd::set_device_allow(unit, &selection.nodes) {
             let _ = signal::kill(child, Signal::SIGKILL);
             let _ = waitpid(child, None);
             cleanup(cgroup);

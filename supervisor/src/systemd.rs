@@ -7,7 +7,7 @@
 //! barrier: the clone must happen in a single-threaded process.
 
 use anyhow::{Context, Result};
-use gpubox_devices::Node;
+use std::path::Path;
 use zbus::blocking::{Connection, Proxy};
 use zbus::zvariant::Value;
 
@@ -24,9 +24,10 @@ fn manager(conn: &Connection) -> Result<Proxy<'_>> {
 
 /// Sets the unit's runtime `DeviceAllow=` to exactly these nodes, read-write; with no nodes
 /// it only resets the list, which is how the supervisor leaves nothing behind on exit.
-pub fn set_device_allow(unit: &str, nodes: &[Node]) -> Result<()> {
+pub fn set_device_allow(unit: &str, nodes: &[&Path]) -> Result<()> {
     let conn = Connection::system().context("connecting to the system bus")?;
-    let allow: Vec<(String, String)> = nodes.iter().map(|n| (n.path.display().to_string(), "rw".to_owned())).collect();
+    // "m" too: the supervisor makes the staging nodes inside the unit's cgroup.
+    let allow: Vec<(String, String)> = nodes.iter().map(|n| (n.display().to_string(), "rwm".to_owned())).collect();
     // An empty assignment first, as in a unit file: it drops what an earlier run granted.
     let mut properties: Vec<(&str, Value)> = vec![("DeviceAllow", Value::from(Vec::<(String, String)>::new()))];
     if !allow.is_empty() {
