@@ -48,6 +48,11 @@ impl Staging {
                 created.push(d.to_owned());
             }
         }
+        // The container's root (an unprivileged host id) binds its nodes from here: it must be
+        // able to walk to them, though not to list or open anything else (the control socket is
+        // 0600).
+        std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .with_context(|| format!("opening {} for the container", run.display()))?;
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
             .context("a private mount namespace for the supervisor")?;
         mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
