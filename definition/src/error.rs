@@ -20,7 +20,7 @@ pub enum Error {
     #[error("no definition named '{name}' (searched {searched})")]
     NotFound { name: String, searched: String },
 
-    #[error("definition '{name}' is masked ({} links to /dev/null)", path.display())]
+    #[error("definition '{name}' is masked ({} is empty or links to /dev/null)", path.display())]
     Masked { name: String, path: PathBuf },
 }
 

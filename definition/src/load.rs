@@ -90,7 +90,7 @@ impl SearchPath {
             .0
             .iter()
             .map(|d| d.join(&file))
-            .find(|p| p.symlink_metadata().is_ok())
+            .find(|p| p.symlink_metadata().is_ok_and(|m| !m.is_dir()))
             .ok_or_else(|| Error::NotFound { name: name.to_owned(), searched: self.display() })?;
         let dirs: Vec<PathBuf> = self.0.iter().map(|d| d.join(format!("{file}.d"))).filter(|p| p.is_dir()).collect();
         sources(name.to_owned(), main, &dirs)

@@ -149,6 +149,7 @@ const MANAGED_SERVICE_KEYS: &[(&str, &str)] = &[
     ("SystemCallFilter", "the supervisor needs mount and clone; use [Container] Seccomp="),
     ("ProtectControlGroups", "the supervisor writes its delegated cgroup"),
     ("PrivateMounts", "the supervisor manages the container's mounts"),
+    ("PrivateNetwork", "the supervisor's reservations live in the host's network namespace; use [Container] Network="),
 ];
 
 pub(crate) fn build(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> Result<Definition, Error> {
@@ -533,7 +534,9 @@ pub const KNOWN_CAPABILITIES: &[&str] = &[
 fn default_hostname(name: &str) -> String {
     let h: String =
         name.chars().take(64).map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' }).collect();
-    let h = h.trim_matches(|c| c == '-' || c == '.').replace("..", ".");
+    // Each dot-separated label must start and end with a letter or digit.
+    let labels: Vec<&str> = h.split('.').map(|l| l.trim_matches('-')).filter(|l| !l.is_empty()).collect();
+    let h = labels.join(".");
     if h.is_empty() {
         "gpubox".to_owned()
     } else {

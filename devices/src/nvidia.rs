@@ -24,7 +24,8 @@ pub fn discover() -> Result<Vec<Gpu>, String> {
         let minor = device.minor_number().map_err(|e| format!("NVML device {index}: {e}"))?;
         let pci = device.pci_info().ok();
         let path = format!("/dev/nvidia{minor}");
-        let own = Node::stat(&path).ok_or_else(|| format!("NVIDIA GPU {index} ({uuid}): {path} is missing"))?;
+        // Not there yet (nvidia-modprobe makes it), or removed: this GPU has nothing to pass.
+        let Some(own) = Node::stat(&path) else { continue };
         let mut nodes = vec![own];
         nodes.extend(control.iter().cloned());
         gpus.push(Gpu {

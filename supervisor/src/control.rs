@@ -63,8 +63,10 @@ impl Container {
         self.change(move |live| live.detach(&selector)).await
     }
 
+    /// `devnode` is for the log; the supervisor rediscovers rather than trusting one event.
     async fn hotplug(&self, action: String, devnode: String) -> zbus::fdo::Result<String> {
-        self.change(move |live| live.hotplug(&action, &devnode)).await
+        let _ = devnode;
+        self.change(move |live| live.hotplug(&action)).await
     }
 }
 
@@ -108,10 +110,17 @@ fn gpubox_group() -> Option<nix::unistd::Gid> {
 }
 
 fn allowed(stream: &UnixStream, group: Option<nix::unistd::Gid>) -> bool {
-    match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials) {
-        Ok(cred) => cred.uid() == 0 || group.is_some_and(|g| g.as_raw() == cred.gid()),
-        Err(_) => false,
-    }
+    let Ok(cred) = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials) else {
+        return false;
+    };
+    let Some(group) = group.map(|g| g.as_raw()) else { return cred.uid() == 0 };
+    // The peer's supplementary groups count too.
+    let groups = std::fs::read_to_string(format!("/proc/{}/status", cred.pid())).unwrap_or_default();
+    let member = groups
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|id| id.parse() == Ok(group)));
+    cred.uid() == 0 || cred.gid() == group || member
 }
 
 fn serve_peer(stream: UnixStream, live: Shared, peers: Peers) -> Result<()> {

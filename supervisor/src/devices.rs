@@ -14,7 +14,9 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use std::path::{Path, PathBuf};
 
-/// Who owns a node inside the container, and its mode (LXD's `gpu` device defaults).
+/// Who owns a node inside the container, and its mode: container root, the group of the
+/// container's `User=` (so a non-root payload can open it), and the host node's own mode
+/// (NVIDIA's nodes are 0666, DRM's usually 0660), 0660 when the host node cannot be read.
 #[derive(Debug, Clone, Copy)]
 pub struct Access {
     pub uid: u32,
@@ -22,9 +24,31 @@ pub struct Access {
     pub mode: u32,
 }
 
-impl Default for Access {
-    fn default() -> Self {
-        Access { uid: 0, gid: 0, mode: 0o660 }
+impl Access {
+    pub fn for_node(node: &Node, group: u32) -> Access {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&node.path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o660);
+        Access { uid: 0, gid: group, mode }
+    }
+}
+
+/// The group a container's devices belong to: `User=`'s group, looked up in the container's
+/// own /etc/passwd where only a name or uid is given; root's without `User=`.
+pub fn device_group(user: Option<&gpubox_definition::User>, root: Option<&Path>) -> u32 {
+    use gpubox_definition::User;
+    let passwd = || std::fs::read_to_string(root.unwrap_or(Path::new("/")).join("etc/passwd")).unwrap_or_default();
+    let lookup = |matches: &dyn Fn(&[&str]) -> bool| {
+        passwd()
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && matches(f))
+            .and_then(|f| f[3].parse().ok())
+    };
+    match user {
+        None => 0,
+        Some(User::Id { gid: Some(g), .. }) => *g,
+        Some(User::Id { uid, gid: None }) => lookup(&|f| f[2] == uid.to_string()).unwrap_or(*uid),
+        Some(User::Name(n)) => lookup(&|f| f[0] == n).unwrap_or(0),
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Live {
     /// Device numbers every container may use (the standard nodes, its console).
     pub base_allowed: Vec<(u32, Option<u32>)>,
     pub unit: Option<String>,
+    /// The group devices are given to inside (see `devices::device_group`).
+    pub device_group: u32,
     pub devices: Vec<Device>,
     pub nodes: Vec<Node>,
 }
@@ -70,15 +72,16 @@ impl Live {
         self.detach_nodes(&going)
     }
 
-    /// A udev event: attach what the definition selects and is not attached yet (add), or
-    /// detach nodes that are gone from the host (remove). Only with `Hotplug=yes`.
-    pub fn hotplug(&mut self, action: &str, devnode: &str) -> Result<()> {
-        if !self.hotplug || self.state != "running" {
+    /// A udev event. Add (with `Hotplug=yes` only): attach what the definition's selectors
+    /// match now and is not attached yet. Remove (always, so that no container keeps the
+    /// permission for a device that is gone): detach every node its selector no longer finds.
+    pub fn hotplug(&mut self, action: &str) -> Result<()> {
+        if self.state != "running" {
             return Ok(());
         }
+        let inventory = Inventory::discover();
         match action {
-            "add" | "change" | "bind" => {
-                let inventory = Inventory::discover();
+            "add" | "change" | "bind" if self.hotplug => {
                 for selector in self.selectors.clone() {
                     let selection =
                         select(&inventory, std::slice::from_ref(&selector), true).map_err(anyhow::Error::msg)?;
@@ -90,13 +93,15 @@ impl Live {
                 }
                 Ok(())
             }
+            "add" | "change" | "bind" => Ok(()),
             "remove" | "unbind" => {
-                let gone: Vec<Node> = self
-                    .nodes
-                    .iter()
-                    .filter(|n| n.path.as_os_str() == devnode || Node::stat(&n.path).as_ref() != Some(*n))
-                    .cloned()
-                    .collect();
+                let mut still: Vec<Node> = Vec::new();
+                for device in &self.devices {
+                    if let Ok(selector) = device.name.parse::<Selector>() {
+                        still.extend(select(&inventory, &[selector], true).map(|s| s.nodes).unwrap_or_default());
+                    }
+                }
+                let gone: Vec<Node> = self.nodes.iter().filter(|n| !still.contains(n)).cloned().collect();
                 self.detach_nodes(&gone)
             }
             other => bail!("unknown hotplug action '{other}' (add or remove)"),
@@ -117,7 +122,7 @@ impl Live {
         self.grant(&all)?;
         let mut done = Vec::new();
         for node in &new {
-            let attached = self.staging.stage(node, Access::default()).and_then(|source| {
+            let attached = self.staging.stage(node, Access::for_node(node, self.device_group)).and_then(|source| {
                 let owner = self.staging.host_base().to_string();
                 let pid = self.pid.to_string();
                 inject::run_helper(&[

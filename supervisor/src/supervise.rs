@@ -120,6 +120,7 @@ fn run_staged(
     ids: Option<&idmap::IdRange>,
     mode: &Mode,
 ) -> Result<i32> {
+    let device_group = crate::devices::device_group(d.container.user.as_ref(), d.container.root_directory.as_deref());
     let cgroup = Cgroup::create(&d.name, mode.systemd)?;
     // Under systemd, systemd grants the nodes (DeviceAllow=), and must before the staging nodes
     // are made: DevicePolicy=closed covers mknod too. zbus would start threads, and the clone
@@ -134,7 +135,7 @@ fn run_staged(
         }
     }
     for node in &selection.nodes {
-        let source = staging.stage(node, Access::default())?;
+        let source = staging.stage(node, Access::for_node(node, device_group))?;
         plan.devices.push((source, node.path.clone()));
     }
     if !selection.names.is_empty() {
@@ -259,6 +260,7 @@ fn run_staged(
         program,
         base_allowed,
         unit: unit.clone(),
+        device_group,
         devices: start_devices,
         nodes: selection.nodes.clone(),
     }));
@@ -267,7 +269,7 @@ fn run_staged(
     }
     // A GPU that appeared between discovery and now would have no event left to bring it.
     if d.gpu.hotplug {
-        if let Err(e) = live.lock().expect("live state lock").hotplug("add", "") {
+        if let Err(e) = live.lock().expect("live state lock").hotplug("add") {
             log::warn(&format!("{e:#}"));
         }
     }

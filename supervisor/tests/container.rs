@@ -565,6 +565,21 @@ containerEdits:
     assert_eq!(fs::read_to_string(d.join("hook-arg")).unwrap(), "created\n");
     assert!(!Path::new("/run/gpubox/cdi").exists(), "staging and bundle directories are gone");
 
+    // A payload that is not root opens it too: the node's group is User='s.
+    let def = definition(d, "cdi-user", &format!("[Container]\nExec=/bin/sh /tmp/test.sh\nBindReadOnly={}:/tmp/test.sh\nUser=65534:65534\n[GPU]\nDevice=cdi:example.com/gpu=first\n", file.display()));
+    let out = Command::new(SUPERVISOR)
+        .args(["run", "--definition"])
+        .arg(&def)
+        .env("GPUBOX_CDI_DIRS", d.join("cdi"))
+        .output()
+        .unwrap();
+    let r = Run {
+        out: String::from_utf8_lossy(&out.stdout).into(),
+        err: String::from_utf8_lossy(&out.stderr).into(),
+        code: out.status.code().unwrap_or(-1),
+    };
+    assert_eq!((value(&r, "open"), value(&r, "owner")), ("yes", "0:65534:660"), "{}", r.err);
+
     // A device that does not exist: the error lists what does.
     let def = definition(d, "cdi2", "[Container]\nExec=/bin/true\n[GPU]\nDevice=cdi:example.com/gpu=third\n");
     let out = Command::new(SUPERVISOR)

@@ -32,6 +32,10 @@ struct Container {
 
 impl Container {
     fn start(name: &str) -> Container {
+        Container::start_with(name, "Device=cdi:example.com/gpu=a\n")
+    }
+
+    fn start_with(name: &str, gpu: &str) -> Container {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for n in ["s0", "s1"] {
@@ -53,7 +57,7 @@ impl Container {
         )
         .unwrap();
         let def = d.join(format!("{name}.gpubox"));
-        fs::write(&def, "[Container]\nExec=sleep 300\nInit=yes\n[GPU]\nDevice=cdi:example.com/gpu=a\n").unwrap();
+        fs::write(&def, format!("[Container]\nExec=sleep 300\nInit=yes\n[GPU]\n{gpu}")).unwrap();
         let supervisor = Command::new(SUPERVISOR)
             .args(["run", "--definition"])
             .arg(&def)
@@ -218,4 +222,35 @@ fn a_client_that_is_not_root_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(c.ctl(&["status", "live-perm"]).0, 0, "root still can");
+}
+
+/// What the udev rules do, with the spec changing as a vendor tool would rewrite it when a GPU
+/// comes or goes: `gpuboxctl hotplug add|remove`.
+#[test]
+fn hotplug_follows_the_host() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start_with("live-hot", "Device=cdi:example.com/gpu=all\nHotplug=yes\n");
+    let other = Container::start("live-cold");
+    let spec = c.dir.path().join("cdi/standin.yaml");
+    let full = fs::read_to_string(&spec).unwrap();
+    let only_a = full.split("  - name: b").next().unwrap().to_owned();
+    // Start with the first device only; the second "appears" later.
+    fs::write(&spec, &only_a).unwrap();
+    let status = |c: &Container| c.ctl(&["status", if std::ptr::eq(c, &other) { "live-cold" } else { "live-hot" }]).1;
+    c.ctl(&["hotplug", "remove", "/dev/dri/standin1"]);
+    assert_eq!(c.inside(OPEN), "absent");
+    fs::write(&spec, &full).unwrap();
+    let t = Instant::now();
+    assert_eq!(c.ctl(&["hotplug", "add", "/dev/dri/standin1"]).0, 0);
+    eprintln!("hotplug add round trip: {:?}", t.elapsed());
+    assert_eq!(c.inside(OPEN), "present", "{}", status(&c));
+    assert!(status(&c).contains("/dev/dri/standin1"), "{}", status(&c));
+    assert!(!status(&other).contains("standin1"), "a container without Hotplug=yes is untouched");
+    // The device goes away again.
+    fs::write(&spec, &only_a).unwrap();
+    assert_eq!(c.ctl(&["hotplug", "remove", "/dev/dri/standin1"]).0, 0);
+    assert_eq!(c.inside(OPEN), "absent");
+    assert!(c.inside("(exec 3<> /dev/standin0) && echo ok").starts_with("ok"), "the other one stays");
 }
