@@ -118,8 +118,10 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
         gpubox_devices::Selection::default()
     } else {
         let inventory = gpubox_devices::Inventory::discover();
-        let selection = gpubox_devices::select(&inventory, &definition.gpu.devices, definition.gpu.optional)
-            .map_err(anyhow::Error::msg)?;
+        // With Hotplug=yes a GPU that is not there yet is waited for, not an error.
+        let optional = definition.gpu.optional || definition.gpu.hotplug;
+        let selection =
+            gpubox_devices::select(&inventory, &definition.gpu.devices, optional).map_err(anyhow::Error::msg)?;
         // Per selector, for status: which nodes each one brought.
         for selector in &definition.gpu.devices {
             let one = gpubox_devices::select(&inventory, std::slice::from_ref(selector), true).unwrap_or_default();

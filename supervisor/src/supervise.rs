@@ -274,7 +274,7 @@ fn run_staged(
         }
     }
 
-    let status = wait(child, &signals, cgroup.as_ref(), mode)?;
+    let (status, stopping) = wait(child, &signals, cgroup.as_ref(), mode)?;
     live.lock().expect("live state lock").state = "stopping";
     let _ = std::fs::remove_file(gpubox_control::socket_path(&d.name));
     drop(go);
@@ -290,11 +290,15 @@ fn run_staged(
     }
     revoke(&unit);
     cleanup(cgroup);
-    Ok(match status {
+    let code = match status {
         WaitStatus::Exited(_, code) => code,
         WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
         _ => child::SETUP_FAILED,
-    })
+    };
+    // A payload that ended because systemd stopped the unit stopped cleanly, as a service's
+    // main process dying of SIGTERM is clean to systemd: the unit ends inactive, not failed.
+    let stopped_by_request = [128 + libc::SIGTERM, 128 + libc::SIGINT, 128 + libc::SIGKILL].contains(&code);
+    Ok(if mode.systemd && stopping && stopped_by_request { 0 } else { code })
 }
 
 /// CDI hooks, run by the supervisor at the OCI stages they name, each with the container's
@@ -358,8 +362,10 @@ fn cg_cleanup(cgroup: Option<Cgroup>) {
 
 /// Forwards signals until the payload ends. After SIGTERM or SIGINT, a payload still running
 /// after the stop timeout is killed, with everything in its cgroup.
-fn wait(child: Pid, signals: &SignalFd, cgroup: Option<&Cgroup>, mode: &Mode) -> Result<WaitStatus> {
+/// Also says whether a stop was asked for (SIGTERM or SIGINT came).
+fn wait(child: Pid, signals: &SignalFd, cgroup: Option<&Cgroup>, mode: &Mode) -> Result<(WaitStatus, bool)> {
     let mut deadline: Option<Instant> = None;
+    let mut stopping = false;
     loop {
         let timeout = match deadline {
             Some(d) => nix::poll::PollTimeout::try_from(d.saturating_duration_since(Instant::now()))
@@ -385,12 +391,13 @@ fn wait(child: Pid, signals: &SignalFd, cgroup: Option<&Cgroup>, mode: &Mode) ->
         let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else { continue };
         if sig == Signal::SIGCHLD {
             match waitpid(child, Some(WaitPidFlag::WNOHANG))? {
-                status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(status),
+                status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok((status, stopping)),
                 _ => continue,
             }
         }
         let _ = signal::kill(child, sig);
-        if matches!(sig, Signal::SIGTERM | Signal::SIGINT) && deadline.is_none() {
+        if matches!(sig, Signal::SIGTERM | Signal::SIGINT) && !stopping {
+            stopping = true;
             notify(&[sd_notify::NotifyState::Stopping]);
             deadline = Some(Instant::now() + mode.stop_timeout);
         }
