@@ -271,16 +271,8 @@ mod init {
     use super::*;
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
-    const FORWARDED: &[Signal] = &[
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-        Signal::SIGWINCH,
-        Signal::SIGCONT,
-    ];
+    /// The signals the supervisor forwards, which the init passes on to the payload.
+    use crate::supervise::FORWARDED;
 
     extern "C" fn noop(_: libc::c_int) {}
 

@@ -39,7 +39,8 @@ impl Mode {
     }
 }
 
-const FORWARDED: &[Signal] = &[
+/// Signals passed on to the payload (SIGTERM and SIGINT also start the stop timeout).
+pub const FORWARDED: &[Signal] = &[
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGHUP,
