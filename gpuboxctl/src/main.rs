@@ -117,8 +117,11 @@ fn with_client(
 }
 
 fn list(json: bool) -> Result<ExitCode> {
-    let mut names: Vec<String> =
-        SearchPath::from_env().discover().map(|all| all.into_iter().map(|s| s.name).collect()).unwrap_or_default();
+    // Masked definitions are switched off: they are not containers to list.
+    let mut names: Vec<String> = SearchPath::from_env()
+        .discover()
+        .map(|all| all.into_iter().filter(|s| !s.masked).map(|s| s.name).collect())
+        .unwrap_or_default();
     for running in gpubox_control::running() {
         if !names.contains(&running) {
             names.push(running);

@@ -64,3 +64,14 @@ fn shell_completions() {
         assert!(out.contains("attach") && out.contains("hotplug"), "{shell}");
     }
 }
+
+#[test]
+fn list_shows_definitions_but_not_masked_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shown.gpubox"), "[Container]\nExec=/bin/true\n").unwrap();
+    std::fs::write(dir.path().join("masked.gpubox"), "").unwrap();
+    let (code, out) = ctl(&["list"], dir.path().to_str().unwrap());
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l.starts_with("shown ") && l.contains("inactive")), "{out}");
+    assert!(!out.contains("masked"), "{out}");
+}

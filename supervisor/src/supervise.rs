@@ -286,7 +286,8 @@ fn run_staged(
     };
     log::info(&format!("payload {summary}"));
     notify(&[sd_notify::NotifyState::Status(&format!("payload {summary}"))]);
-    if let Err(e) = hooks.run(&["poststop"], 0) {
+    // The payload is gone: poststop hooks get its last pid, as OCI's state keeps it.
+    if let Err(e) = hooks.run(&["poststop"], pid) {
         log::warn(&format!("{e:#}"));
     }
     revoke(&unit);
