@@ -197,12 +197,13 @@ fn two_hundred_cycles_and_concurrent_requests_leak_nothing() {
     assert_eq!(c.inside(OPEN), "absent");
     assert_eq!(c.mounts_inside(), mounts, "mounts inside");
     assert_eq!(fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count(), host_mounts, "mounts on the host");
-    // (Other tests' `gpuboxctl devices` may be connected for a moment.)
+    // Other tests' `gpuboxctl devices` may be connected for a moment, now or when the first
+    // count was taken: a leak is more descriptors than before once those are gone.
     let t = Instant::now();
-    while c.supervisor_fds() != fds && t.elapsed() < Duration::from_secs(3) {
+    while c.supervisor_fds() > fds && t.elapsed() < Duration::from_secs(3) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(c.supervisor_fds(), fds, "descriptors in the supervisor");
+    assert!(c.supervisor_fds() <= fds, "descriptors in the supervisor: {} now, {fds} before", c.supervisor_fds());
     let staging =
         fs::read_dir(format!("/proc/{}/root/run/gpubox/live-loop/devices", c.supervisor.id())).unwrap().count();
     assert_eq!(staging, 1, "only the start device's staging node");
