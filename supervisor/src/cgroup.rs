@@ -78,10 +78,6 @@ impl Cgroup {
         mkdir(&payload)?;
         Ok(Some(Cgroup { payload_fd: open_dir(&payload)?, payload, own: Some(dir), delegated: false }))
     }
-
-    pub fn fd(&self) -> i32 {
-        self.payload_fd.as_raw_fd()
-    }
 }
 
 impl AsRawFd for Cgroup {

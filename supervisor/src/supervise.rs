@@ -17,7 +17,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -181,7 +181,7 @@ fn run_staged(
 
     // SAFETY: the supervisor is single-threaded here; the child only runs child::run, which
     // execs or _exits.
-    let pid = unsafe { sys::clone3(namespaces, cgroup.as_ref().map(Cgroup::fd)) }
+    let pid = unsafe { sys::clone3(namespaces, cgroup.as_ref().map(AsRawFd::as_raw_fd)) }
         .context("creating the container's namespaces")?;
     if pid == 0 {
         drop((go_write, err_read, signals));

@@ -59,7 +59,7 @@ pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
 /// Sets mount attributes on `path` and, recursively, on every mount below it — which
 /// mount(MS_REMOUNT) cannot do.
 pub fn mount_setattr_recursive(path: &std::path::Path, set: u64) -> io::Result<()> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let c = cpath(path)?;
     let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
     // SAFETY: c is a valid NUL-terminated path, attr a valid mount_attr of the size passed.
     let r = unsafe {

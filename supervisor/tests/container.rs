@@ -35,13 +35,18 @@ fn run(text: &str) -> Run {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let name = format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let dir = tempfile::tempdir().unwrap();
-    let path = definition(dir.path(), &name, text);
+    run_file(&definition(dir.path(), &name, text), &[])
+}
+
+/// Runs the supervisor on a definition file, standalone, with extra environment variables.
+fn run_file(path: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Run {
     let Output { status, stdout, stderr } = Command::new(SUPERVISOR)
         .args(["run", "--definition"])
-        .arg(&path)
+        .arg(path)
         .stdin(Stdio::null())
         .env_remove("INVOCATION_ID")
         .env_remove("NOTIFY_SOCKET")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     Run {
@@ -352,27 +357,20 @@ fn failures_are_clear_and_leave_nothing_behind() {
         return;
     }
     let mounts = host_mounts();
-    let r = run("[Container]\nExec=/no/such/program\n");
-    assert_eq!(r.code, 127);
-    assert!(r.err.contains("cannot execute /no/such/program: No such file or directory"), "{}", r.err);
-    let r = run("[Container]\nExec=no-such-program\n");
-    assert_eq!(r.code, 127);
-    assert!(r.err.contains("cannot execute no-such-program: not found in PATH="), "{}", r.err);
-    let r = run("[Container]\nExec=/bin/true\nWorkingDirectory=/no/such/dir\n");
-    assert_eq!(r.code, 125);
-    assert!(r.err.contains("WorkingDirectory=/no/such/dir: ENOENT"), "{}", r.err);
-    let r = run("[Container]\nExec=/bin/true\nRootDirectory=/no/such/root\n");
-    assert_eq!(r.code, 125);
-    assert!(r.err.contains("RootDirectory=/no/such/root is not a directory"), "{}", r.err);
-    let r = run("[Container]\nExec=/bin/true\nBind=/no/such/source:/mnt\n");
-    assert_eq!(r.code, 125);
-    assert!(r.err.contains("Bind source /no/such/source"), "{}", r.err);
-    let r = run("[Container]\nExec=/bin/true\nUser=nosuchuser\n");
-    assert_eq!(r.code, 125);
-    assert!(r.err.contains("User=nosuchuser: no such user"), "{}", r.err);
-    let r = run("[Container]\nExec=/bin/true\nNetwork=bridge\n");
-    assert_eq!(r.code, 125);
-    assert!(r.err.contains(".gpubox:3: [Container] Network=: expected one of none, host"), "{}", r.err);
+    let cases: &[(&str, i32, &str)] = &[
+        ("Exec=/no/such/program\n", 127, "cannot execute /no/such/program: No such file or directory"),
+        ("Exec=no-such-program\n", 127, "cannot execute no-such-program: not found in PATH="),
+        ("Exec=/bin/true\nWorkingDirectory=/no/such/dir\n", 125, "WorkingDirectory=/no/such/dir: ENOENT"),
+        ("Exec=/bin/true\nRootDirectory=/no/such/root\n", 125, "RootDirectory=/no/such/root is not a directory"),
+        ("Exec=/bin/true\nBind=/no/such/source:/mnt\n", 125, "Bind source /no/such/source"),
+        ("Exec=/bin/true\nUser=nosuchuser\n", 125, "User=nosuchuser: no such user"),
+        ("Exec=/bin/true\nNetwork=bridge\n", 125, ".gpubox:3: [Container] Network=: expected one of none, host"),
+    ];
+    for (keys, code, message) in cases {
+        let r = run(&format!("[Container]\n{keys}"));
+        assert_eq!(r.code, *code, "{keys}: {}", r.err);
+        assert!(r.err.contains(message), "{keys}: {}", r.err);
+    }
     assert_eq!(host_mounts(), mounts, "no mount leaked to the host");
     assert_eq!(gpubox_cgroups(), Vec::<String>::new(), "no cgroup left behind");
 }
@@ -539,18 +537,9 @@ containerEdits:
         echo ro=$(touch /tmp/standin-libs/x 2>/dev/null && echo writable || echo denied)";
     let file = d.join("test.sh");
     fs::write(&file, script).unwrap();
+    let cdi = d.join("cdi");
     let def = definition(d, "cdi", &format!("[Container]\nExec=/bin/sh /tmp/test.sh\nBindReadOnly={}:/tmp/test.sh\n[GPU]\nDevice=cdi:example.com/gpu=first\n", file.display()));
-    let out = Command::new(SUPERVISOR)
-        .args(["run", "--definition"])
-        .arg(&def)
-        .env("GPUBOX_CDI_DIRS", d.join("cdi"))
-        .output()
-        .unwrap();
-    let r = Run {
-        out: String::from_utf8_lossy(&out.stdout).into(),
-        err: String::from_utf8_lossy(&out.stderr).into(),
-        code: out.status.code().unwrap_or(-1),
-    };
+    let r = run_file(&def, &[("GPUBOX_CDI_DIRS", cdi.as_os_str())]);
     assert_eq!(r.code, 0, "{}", r.err);
     assert_eq!(value(&r, "nodes"), "standin0", "the selected device only");
     assert_eq!(value(&r, "open"), "yes", "usable by container root: {}", r.err);
@@ -567,29 +556,14 @@ containerEdits:
 
     // A payload that is not root opens it too: the node's group is User='s.
     let def = definition(d, "cdi-user", &format!("[Container]\nExec=/bin/sh /tmp/test.sh\nBindReadOnly={}:/tmp/test.sh\nUser=65534:65534\n[GPU]\nDevice=cdi:example.com/gpu=first\n", file.display()));
-    let out = Command::new(SUPERVISOR)
-        .args(["run", "--definition"])
-        .arg(&def)
-        .env("GPUBOX_CDI_DIRS", d.join("cdi"))
-        .output()
-        .unwrap();
-    let r = Run {
-        out: String::from_utf8_lossy(&out.stdout).into(),
-        err: String::from_utf8_lossy(&out.stderr).into(),
-        code: out.status.code().unwrap_or(-1),
-    };
+    let r = run_file(&def, &[("GPUBOX_CDI_DIRS", cdi.as_os_str())]);
     assert_eq!((value(&r, "open"), value(&r, "owner")), ("yes", "0:65534:660"), "{}", r.err);
 
     // A device that does not exist: the error lists what does.
     let def = definition(d, "cdi2", "[Container]\nExec=/bin/true\n[GPU]\nDevice=cdi:example.com/gpu=third\n");
-    let out = Command::new(SUPERVISOR)
-        .args(["run", "--definition"])
-        .arg(&def)
-        .env("GPUBOX_CDI_DIRS", d.join("cdi"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125));
+    let r = run_file(&def, &[("GPUBOX_CDI_DIRS", cdi.as_os_str())]);
+    assert_eq!(r.code, 125);
+    let err = &r.err;
     assert!(err.contains("example.com/gpu=third") && err.contains("first") && err.contains("second"), "{err}");
 }
 
@@ -629,31 +603,24 @@ fn nvidia_gpu_through_nvml_with_a_stand_in() {
         "nv",
         &format!("[Container]\nExec=/bin/sh -c 'ls /dev | grep nvidia; (exec 3<> /dev/nvidia{minor}) && echo open=yes'\n[GPU]\nDevice=nvidia:0\n"),
     );
-    let out = Command::new(SUPERVISOR)
-        .args(["run", "--definition"])
-        .arg(&def)
-        .env("GPUBOX_NVML_LIBRARY", &lib)
-        .env("FAKE_NVML_MINOR", minor.to_string())
-        .env("GPUBOX_CDI_DIRS", dir.path())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let minor_text = minor.to_string();
+    let nvml = [
+        ("GPUBOX_NVML_LIBRARY", lib.as_os_str()),
+        ("FAKE_NVML_MINOR", minor_text.as_ref()),
+        ("GPUBOX_CDI_DIRS", dir.path().as_os_str()),
+    ];
+    let r = run_file(&def, &nvml);
+    let (stdout, stderr) = (&r.out, &r.err);
+    assert_eq!(r.code, 0, "{stderr}");
     assert!(stdout.lines().any(|l| l == format!("nvidia{minor}")), "{stdout}");
     assert!(stdout.contains("open=yes"), "{stdout}{stderr}");
     assert!(stderr.contains("devices: nvidia:0"), "{stderr}");
 
     // A selector for a GPU that is not there lists the one that is.
     let def = definition(dir.path(), "nv1", "[Container]\nExec=/bin/true\n[GPU]\nDevice=nvidia:1\n");
-    let out = Command::new(SUPERVISOR)
-        .args(["run", "--definition"])
-        .arg(&def)
-        .env("GPUBOX_NVML_LIBRARY", &lib)
-        .env("FAKE_NVML_MINOR", minor.to_string())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(125));
+    let r = run_file(&def, &nvml);
+    let stderr = &r.err;
+    assert_eq!(r.code, 125);
     assert!(
         stderr.contains("nvidia:1 matches no GPU")
             && stderr.contains("nvidia:GPU-00000000-1111-2222-3333-444444444444"),
