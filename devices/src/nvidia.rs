@@ -12,6 +12,11 @@ pub const CONTROL_NODES: &[&str] =
 pub fn discover() -> Result<Vec<Gpu>, String> {
     let nvml = match std::env::var_os("GPUBOX_NVML_LIBRARY") {
         Some(path) => Nvml::builder().lib_path(&path).init(),
+        // Without the kernel driver NVML has nothing to say: not loading it saves a library
+        // search at every start and every hotplug event on hosts without NVIDIA GPUs.
+        None if !std::path::Path::new("/sys/module/nvidia").exists() => {
+            return Err("NVML unavailable (the NVIDIA driver is not loaded: no /sys/module/nvidia)".into())
+        }
         None => Nvml::init(),
     }
     .map_err(|e| format!("NVML unavailable ({e})"))?;

@@ -56,7 +56,10 @@ impl Container {
     }
 
     async fn attach(&self, selector: String) -> zbus::fdo::Result<String> {
-        self.change(move |live| live.attach(&selector, "hand")).await
+        let status = self.change(move |live| live.attach(&selector, "hand")).await?;
+        // A device attached by hand is detached when it leaves the host.
+        crate::watch::follow(&self.live);
+        Ok(status)
     }
 
     async fn detach(&self, selector: String) -> zbus::fdo::Result<String> {

@@ -61,21 +61,19 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Moves the supervisor into a private mount namespace and mounts the staging tmpfs.
-    pub fn new(name: &str, host_base: u32) -> Result<Staging> {
-        let run = Path::new("/run/gpubox").join(name);
+    /// Moves the supervisor into a private mount namespace and mounts the staging tmpfs in
+    /// `run`, the container's runtime directory.
+    pub fn new(run: &Path, host_base: u32) -> Result<Staging> {
         let dir = run.join("devices");
         let mut created = Vec::new();
-        for d in [Path::new("/run/gpubox"), &run, &dir] {
-            if !d.exists() {
-                std::fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
-                created.push(d.to_owned());
-            }
+        if !dir.exists() {
+            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            created.push(dir.clone());
         }
         // The container's root (an unprivileged host id) binds its nodes from here: it must be
         // able to walk to them, though not to list or open anything else (the control socket is
         // 0600).
-        std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+        std::fs::set_permissions(run, std::os::unix::fs::PermissionsExt::from_mode(0o711))
             .with_context(|| format!("opening {} for the container", run.display()))?;
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
             .context("a private mount namespace for the supervisor")?;
@@ -83,7 +81,6 @@ impl Staging {
             .context("making the supervisor's mounts private")?;
         mount(Some("gpubox-devices"), &dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755"))
             .with_context(|| format!("mounting the device staging tmpfs on {}", dir.display()))?;
-        created.reverse();
         Ok(Staging { dir, host_base, created })
     }
 
@@ -109,11 +106,6 @@ impl Staging {
         )
         .with_context(|| format!("setting the owner of {}", node.path.display()))?;
         Ok(source)
-    }
-
-    /// The host id of the container's root (0 without a user namespace).
-    pub fn host_base(&self) -> u32 {
-        self.host_base
     }
 
     /// Removes a node's staging node once it is detached.

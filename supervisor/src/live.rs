@@ -5,7 +5,8 @@
 //! open; a failed attach is rolled back whole.
 
 use crate::devices::{Access, Staging};
-use crate::{devcgroup, inject, log, systemd};
+use crate::mount_helper::MountHelper;
+use crate::{devcgroup, log, systemd};
 use anyhow::{bail, Context, Result};
 use gpubox_control::{Device, Status};
 use gpubox_definition::Selector;
@@ -20,7 +21,14 @@ pub struct Live {
     pub hotplug: bool,
     /// The definition's selectors, which hotplug events are matched against.
     pub selectors: Vec<Selector>,
-    pub staging: Staging,
+    /// The staging nodes of the devices the container started with, if any.
+    pub staging: Option<Staging>,
+    /// Mounts nodes inside; started at the first change.
+    pub helper: Option<MountHelper>,
+    /// Host id of the container's root (0 without a user namespace).
+    pub owner: u32,
+    /// The container's runtime directory, which the helper covers with its staging tmpfs.
+    pub run_dir: PathBuf,
     pub cgroup: Option<OwnedFd>,
     pub cgroup_path: Option<PathBuf>,
     pub program: Option<OwnedFd>,
@@ -31,6 +39,10 @@ pub struct Live {
     pub device_group: u32,
     pub devices: Vec<Device>,
     pub nodes: Vec<Node>,
+    /// Whether udev's events are followed (see `watch`).
+    pub followed: bool,
+    /// The unit's `DeviceAllow=` as last set (see `systemd`).
+    pub allowed_by_systemd: Vec<String>,
 }
 
 impl Live {
@@ -122,17 +134,8 @@ impl Live {
         self.grant(&all)?;
         let mut done = Vec::new();
         for node in &new {
-            let attached = self.staging.stage(node, Access::for_node(node, self.device_group)).and_then(|source| {
-                let owner = self.staging.host_base().to_string();
-                let pid = self.pid.to_string();
-                inject::run_helper(&[
-                    "inject".as_ref(),
-                    pid.as_ref(),
-                    owner.as_ref(),
-                    source.as_os_str(),
-                    node.path.as_os_str(),
-                ])
-            });
+            let access = Access::for_node(node, self.device_group);
+            let attached = self.helper().and_then(|h| h.attach(node, access));
             if let Err(e) = attached {
                 for n in &done {
                     let _ = self.eject(n);
@@ -169,7 +172,6 @@ impl Live {
         for node in going {
             self.warn_holders(node);
             self.eject(node)?;
-            self.staging.unstage(node);
         }
         for d in &mut self.devices {
             d.nodes.retain(|p| !going.iter().any(|n| &n.path == p));
@@ -179,12 +181,25 @@ impl Live {
         Ok(())
     }
 
-    fn eject(&self, node: &Node) -> Result<()> {
-        inject::run_helper(&["eject".as_ref(), self.pid.to_string().as_ref(), node.path.as_os_str()])
+    fn eject(&mut self, node: &Node) -> Result<()> {
+        self.helper()?.detach(&node.path)?;
+        if let Some(staging) = &self.staging {
+            staging.unstage(node);
+        }
+        Ok(())
+    }
+
+    /// The running mount helper, started (again) when there is none.
+    fn helper(&mut self) -> Result<&mut MountHelper> {
+        if !self.helper.as_mut().is_some_and(MountHelper::alive) {
+            self.helper = Some(MountHelper::start(self.pid, self.owner, &self.run_dir)?);
+        }
+        Ok(self.helper.as_mut().expect("started above"))
     }
 
     /// Exactly these nodes (plus the standard ones) become usable: the BPF program on the
-    /// payload's cgroup, and under systemd the unit's `DeviceAllow=`.
+    /// payload's cgroup, and under systemd the unit's `DeviceAllow=` (by class for GPUs, see
+    /// `systemd`).
     fn grant(&mut self, nodes: &[Node]) -> Result<()> {
         if let (Some(cgroup), Some(old)) = (&self.cgroup, &self.program) {
             let mut allowed = self.base_allowed.clone();
@@ -192,8 +207,11 @@ impl Live {
             self.program = Some(devcgroup::replace(cgroup, old, &allowed)?);
         }
         if let Some(unit) = &self.unit {
-            let paths: Vec<&std::path::Path> = nodes.iter().map(|n| n.path.as_path()).collect();
-            systemd::set_device_allow(unit, &paths)?;
+            let entries = systemd::device_allow_entries(nodes, &self.allowed_by_systemd);
+            if entries != self.allowed_by_systemd {
+                systemd::set_device_allow(unit, &entries)?;
+                self.allowed_by_systemd = entries;
+            }
         }
         Ok(())
     }

@@ -8,14 +8,15 @@ mod control;
 mod devcgroup;
 mod devices;
 mod idmap;
-mod inject;
 mod live;
 mod log;
+mod mount_helper;
 mod rootfs;
 mod seccomp;
 mod supervise;
 mod sys;
 mod systemd;
+mod watch;
 
 use anyhow::{bail, Context, Result};
 use gpubox_definition::{SearchPath, Sources};
@@ -35,14 +36,13 @@ fn main() -> ExitCode {
     let target = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["run", "--definition", file] => Target::File(PathBuf::from(file)),
         ["run", name] if !name.starts_with('-') => Target::Name(name.to_owned()),
-        // The supervisor's own mount helpers (see inject.rs); not for people.
-        ["inject", pid, owner, source, target] => {
-            return helper(|| inject::inject(pid.parse()?, owner.parse()?, source.as_ref(), target.as_ref()))
+        // The supervisor's own helpers (see mount_helper.rs, systemd.rs); not for people.
+        ["mount-helper", pid, owner, dir] => {
+            return helper(|| mount_helper::serve(pid.parse()?, owner.parse()?, dir.as_ref()))
         }
-        ["eject", pid, target] => return helper(|| inject::eject(pid.parse()?, target.as_ref())),
-        ["device-allow", unit, ref nodes @ ..] => {
-            let nodes: Vec<&std::path::Path> = nodes.iter().map(|n| n.as_ref()).collect();
-            return helper(|| systemd::set_device_allow(unit, &nodes));
+        ["device-allow", unit, ref entries @ ..] => {
+            let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+            return helper(|| systemd::set_device_allow(unit, &entries));
         }
         ["-h" | "--help"] => {
             println!("{USAGE}");

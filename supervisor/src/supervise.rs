@@ -7,7 +7,7 @@ use crate::cgroup::Cgroup;
 use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
 use crate::live::Live;
-use crate::{capabilities, control, devcgroup, idmap, log, seccomp, sys, systemd};
+use crate::{capabilities, control, devcgroup, idmap, log, seccomp, sys, systemd, watch};
 use anyhow::{Context, Result};
 use gpubox_definition::{Bind, Definition, Network, UserNamespace};
 use gpubox_devices::Selection;
@@ -105,10 +105,14 @@ pub fn run(
     let mut plan = plan;
     let _name = idmap::claim_name(&d.name)?;
     let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
-    // Always: devices can also come later, by hand or by hotplug.
-    let staging = Staging::new(&d.name, ids.as_ref().map_or(0, |i| i.host_base))?;
-    let result = run_staged(d, &mut plan, selection, start_devices, &staging, ids.as_ref(), mode);
-    staging.remove();
+    let owner = ids.as_ref().map_or(0, |i| i.host_base);
+    let run_dir = RuntimeDir::create(&d.name)?;
+    // Only for the devices of the start: later ones are staged by the mount helper.
+    let staging = if selection.nodes.is_empty() { None } else { Some(Staging::new(&run_dir.path, owner)?) };
+    let result = run_staged(d, &mut plan, selection, start_devices, staging.as_ref(), owner, mode);
+    if let Some(staging) = staging {
+        staging.remove();
+    }
     result
 }
 
@@ -117,8 +121,8 @@ fn run_staged(
     plan: &mut Plan,
     selection: &Selection,
     start_devices: Vec<gpubox_control::Device>,
-    staging: &Staging,
-    ids: Option<&idmap::IdRange>,
+    staging: Option<&Staging>,
+    owner: u32,
     mode: &Mode,
 ) -> Result<i32> {
     let device_group = crate::devices::device_group(d.container.user.as_ref(), d.container.root_directory.as_deref());
@@ -127,17 +131,19 @@ fn run_staged(
     // are made: DevicePolicy=closed covers mknod too. zbus would start threads, and the clone
     // below needs a single-threaded process, so a helper process makes the call.
     let unit = cgroup.as_ref().filter(|c| c.delegated).and_then(|_| systemd::own_unit());
+    let mut allowed_by_systemd = Vec::new();
     if let (Some(unit), false) = (&unit, selection.nodes.is_empty()) {
-        let mut args: Vec<&std::ffi::OsStr> = vec!["device-allow".as_ref(), unit.as_ref()];
-        args.extend(selection.nodes.iter().map(|n| n.path.as_os_str()));
-        if let Err(e) = crate::inject::run_helper(&args) {
+        allowed_by_systemd = systemd::device_allow_entries(&selection.nodes, &[]);
+        if let Err(e) = systemd::set_device_allow_in_helper(unit, &allowed_by_systemd) {
             cg_cleanup(cgroup);
             return Err(e);
         }
     }
-    for node in &selection.nodes {
-        let source = staging.stage(node, Access::for_node(node, device_group))?;
-        plan.devices.push((source, node.path.clone()));
+    if let Some(staging) = staging {
+        for node in &selection.nodes {
+            let source = staging.stage(node, Access::for_node(node, device_group))?;
+            plan.devices.push((source, node.path.clone()));
+        }
     }
     if !selection.names.is_empty() {
         log::info(&format!("devices: {}", selection.names.join(", ")));
@@ -191,8 +197,8 @@ fn run_staged(
     let child = Pid::from_raw(pid);
     let cleanup = cg_cleanup;
 
-    if let Some(ids) = ids {
-        let map = format!("0 {} {}\n", ids.host_base, idmap::SIZE);
+    if plan.user_namespace {
+        let map = format!("0 {owner} {}\n", idmap::SIZE);
         let mapped = std::fs::write(format!("/proc/{pid}/uid_map"), &map)
             .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), &map))
             .context("writing the user-namespace id map");
@@ -255,7 +261,10 @@ fn run_staged(
         state: "running",
         hotplug: d.gpu.hotplug,
         selectors: d.gpu.devices.clone(),
-        staging: staging.clone(),
+        staging: staging.cloned(),
+        helper: None,
+        owner,
+        run_dir: RuntimeDir::path(&d.name),
         cgroup: cgroup.as_ref().map(Cgroup::dup_fd).transpose()?,
         cgroup_path: cgroup.as_ref().map(|c| c.payload.clone()),
         program,
@@ -264,19 +273,23 @@ fn run_staged(
         device_group,
         devices: start_devices,
         nodes: selection.nodes.clone(),
+        followed: false,
+        allowed_by_systemd,
     }));
     if let Err(e) = control::serve(&d.name, live.clone()) {
         log::warn(&format!("no control socket: {e:#}"));
     }
-    // A GPU that appeared between discovery and now would have no event left to bring it.
-    if d.gpu.hotplug {
-        if let Err(e) = live.lock().expect("live state lock").hotplug("add") {
-            log::warn(&format!("{e:#}"));
-        }
+    // Containers with devices follow udev's events; one without gets there at its first attach.
+    if !d.gpu.devices.is_empty() {
+        watch::follow(&live);
     }
 
     let (status, stopping) = wait(child, &signals, cgroup.as_ref(), mode)?;
-    live.lock().expect("live state lock").state = "stopping";
+    {
+        let mut live = live.lock().expect("live state lock");
+        live.state = "stopping";
+        live.helper = None;
+    }
     let _ = std::fs::remove_file(gpubox_control::socket_path(&d.name));
     drop(go);
     let summary = match status {
@@ -352,6 +365,42 @@ impl Drop for Hooks<'_> {
         let _ = std::fs::remove_dir_all(&self.bundle);
         if let Some(parent) = self.bundle.parent() {
             let _ = std::fs::remove_dir(parent); // only when empty: made for the bundle alone
+        }
+    }
+}
+
+/// `/run/gpubox/NAME`, the container's runtime directory (control socket, staging): systemd
+/// makes it for a unit (`RuntimeDirectory=`); standalone, the supervisor makes what is missing
+/// and removes it again at the end.
+struct RuntimeDir {
+    path: std::path::PathBuf,
+    created: Vec<std::path::PathBuf>,
+}
+
+impl RuntimeDir {
+    fn path(name: &str) -> std::path::PathBuf {
+        std::path::Path::new("/run/gpubox").join(name)
+    }
+
+    fn create(name: &str) -> Result<RuntimeDir> {
+        let path = RuntimeDir::path(name);
+        let mut created = Vec::new();
+        for d in [path.parent().expect("has a parent"), &path] {
+            match std::fs::create_dir(d) {
+                Ok(()) => created.push(d.to_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+            }
+        }
+        created.reverse();
+        Ok(RuntimeDir { path, created })
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        for d in &self.created {
+            let _ = std::fs::remove_dir(d); // only when empty: another container may use /run/gpubox
         }
     }
 }

@@ -1,13 +1,21 @@
 //! The unit's `DeviceAllow=`, set through systemd's D-Bus API as a runtime property, so that
-//! systemd itself grants the selected nodes on top of `DevicePolicy=closed`. Because systemd
-//! owns the rule, it survives `systemctl daemon-reload` — unlike device rules written behind
-//! systemd's back, which a reload wipes (the Docker + NVIDIA failure).
+//! systemd itself allows the container's devices on top of `DevicePolicy=closed`. Because
+//! systemd owns the rule, it survives `systemctl daemon-reload` — unlike device rules written
+//! behind systemd's back, which a reload wipes (the Docker + NVIDIA failure).
+//!
+//! Two layers: systemd's program on the unit's cgroup bounds the unit, the supervisor's own
+//! program on the payload's cgroup (`devcgroup`) admits exactly the attached nodes. So systemd
+//! is given a GPU's node by its device class (`char-drm`, `char-nvidia-frontend`, …, the
+//! names in /proc/devices), kept until the container stops: the next GPU of a kind the
+//! container already had needs no call to systemd, which is most of a hotplug event's time.
+//! Any other node (a CDI device of another kind) is given by its path.
 //!
 //! zbus starts threads, so this runs only after the clone, while the child waits at the start
 //! barrier: the clone must happen in a single-threaded process.
 
 use anyhow::{Context, Result};
-use std::path::Path;
+use gpubox_devices::Node;
+use std::sync::Mutex;
 use zbus::blocking::{Connection, Proxy};
 use zbus::zvariant::Value;
 
@@ -22,24 +30,96 @@ fn manager(conn: &Connection) -> Result<Proxy<'_>> {
     Ok(Proxy::new(conn, "org.freedesktop.systemd1", "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager")?)
 }
 
-/// Sets the unit's runtime `DeviceAllow=` to exactly these nodes, read-write; with no nodes
-/// it only resets the list, which is how the supervisor leaves nothing behind on exit.
-pub fn set_device_allow(unit: &str, nodes: &[&Path]) -> Result<()> {
+/// The supervisor's one system-bus connection, made at the first call and kept: connecting
+/// and authenticating cost more than a call, and a hotplug event should pay neither.
+pub fn bus() -> Result<Connection> {
+    let mut bus = BUS.lock().expect("bus lock");
+    if let Some(conn) = bus.as_ref() {
+        return Ok(conn.clone());
+    }
     let conn = Connection::system().context("connecting to the system bus")?;
+    *bus = Some(conn.clone());
+    Ok(conn)
+}
+
+static BUS: Mutex<Option<Connection>> = Mutex::new(None);
+
+/// Device classes given to systemd whole: the GPUs'.
+fn gpu_class(name: &str) -> bool {
+    name == "drm" || name.starts_with("nvidia")
+}
+
+/// What to ask systemd to allow for `nodes`, keeping the classes of `before`: a GPU node's
+/// class, any other node's path.
+pub fn device_allow_entries(nodes: &[Node], before: &[String]) -> Vec<String> {
+    let classes = char_classes();
+    let mut entries: Vec<String> = before.iter().filter(|e| e.starts_with("char-")).cloned().collect();
+    for node in nodes {
+        let entry = match classes.iter().find(|(major, _)| *major == node.major) {
+            Some((_, class)) if gpu_class(class) => format!("char-{class}"),
+            _ => node.path.display().to_string(),
+        };
+        if !entries.contains(&entry) {
+            entries.push(entry);
+        }
+    }
+    entries
+}
+
+/// The character device classes in /proc/devices, by major number.
+fn char_classes() -> Vec<(u32, String)> {
+    let text = std::fs::read_to_string("/proc/devices").unwrap_or_default();
+    text.lines()
+        .skip_while(|l| !l.starts_with("Character devices:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            let (major, name) = l.trim().split_once(' ')?;
+            Some((major.parse().ok()?, name.to_owned()))
+        })
+        .collect()
+}
+
+/// Sets the unit's runtime `DeviceAllow=` to exactly these entries (paths or classes),
+/// read-write; with none it only resets the list, which is how the supervisor leaves nothing
+/// behind on exit.
+pub fn set_device_allow(unit: &str, entries: &[String]) -> Result<()> {
+    let conn = bus()?;
     // "m" too: the supervisor makes the staging nodes inside the unit's cgroup.
-    let allow: Vec<(String, String)> = nodes.iter().map(|n| (n.display().to_string(), "rwm".to_owned())).collect();
+    let allow: Vec<(String, String)> = entries.iter().map(|e| (e.clone(), "rwm".to_owned())).collect();
     // An empty assignment first, as in a unit file: it drops what an earlier run granted.
     let mut properties: Vec<(&str, Value)> = vec![("DeviceAllow", Value::from(Vec::<(String, String)>::new()))];
     if !allow.is_empty() {
         properties.push(("DeviceAllow", Value::from(allow)));
     }
-    manager(&conn)?
-        .call_method("SetUnitProperties", &(unit, true, properties))
-        .with_context(|| format!("setting DeviceAllow= of {unit} through systemd"))?;
-    if nodes.is_empty() {
+    let call = |conn: &Connection| {
+        manager(conn)?.call_method("SetUnitProperties", &(unit, true, &properties)).map_err(anyhow::Error::from)
+    };
+    if let Err(e) = call(&conn) {
+        // The bus may have restarted since: once more, on a new connection.
+        BUS.lock().expect("bus lock").take();
+        let _ = e;
+        call(&bus()?).with_context(|| format!("setting DeviceAllow= of {unit} through systemd"))?;
+    }
+    if entries.is_empty() {
         forget_runtime_dropin(unit);
     }
     Ok(())
+}
+
+/// The same from a short-lived `gpubox-supervisor device-allow` child, for the start, where
+/// the supervisor must stay single-threaded until the clone (zbus would start threads).
+pub fn set_device_allow_in_helper(unit: &str, entries: &[String]) -> Result<()> {
+    let out = std::process::Command::new("/proc/self/exe")
+        .args(["device-allow", unit])
+        .args(entries)
+        .output()
+        .context("starting the device-allow helper")?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
+    }
 }
 
 /// systemd keeps runtime properties in a drop-in; once the list is reset in memory, that file

@@ -174,6 +174,9 @@ fn two_hundred_cycles_and_concurrent_requests_leak_nothing() {
         return;
     }
     let c = Container::start("live-loop");
+    // The first change starts the mount helper, which stays: the steady state is after it.
+    assert_eq!(c.ctl(&["attach", "live-loop", "cdi:example.com/gpu=b"]).0, 0);
+    assert_eq!(c.ctl(&["detach", "live-loop", "cdi:example.com/gpu=b"]).0, 0);
     let (mounts, fds) = (c.mounts_inside(), c.supervisor_fds());
     let host_mounts = fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
     let t = Instant::now();
@@ -207,6 +210,16 @@ fn two_hundred_cycles_and_concurrent_requests_leak_nothing() {
     let staging =
         fs::read_dir(format!("/proc/{}/root/run/gpubox/live-loop/devices", c.supervisor.id())).unwrap().count();
     assert_eq!(staging, 1, "only the start device's staging node");
+    // Children are listed per thread, and any of the supervisor's threads may have started it.
+    let children: String = fs::read_dir(format!("/proc/{}/task", c.supervisor.id()))
+        .unwrap()
+        .map(|t| fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let helpers: Vec<&str> = children.split_whitespace().filter(|p| p.parse() != Ok(c.pid)).collect();
+    assert_eq!(helpers.len(), 1, "one mount helper: {helpers:?}");
+    let helper_staging = fs::read_dir(format!("/proc/{}/root/run/gpubox/live-loop", helpers[0])).unwrap().count();
+    assert_eq!(helper_staging, 0, "the mount helper's staging nodes are gone");
 }
 
 #[test]

@@ -1,0 +1,208 @@
+//! Device nodes mounted into and out of a running container.
+//!
+//! A mount namespace can only be entered by a single-threaded process, and the supervisor
+//! runs threads once the control socket is up, so one helper process per container does it:
+//! `gpubox-supervisor mount-helper PID OWNER DIR`, started at the first change and kept for the
+//! container's life — one exec per container, not one per event. It has a private mount
+//! namespace of its own with a tmpfs on `DIR` for staging nodes, and moves between that and the
+//! container's namespace: `mknod` the staging node with the container's owner and mode, take a
+//! detached copy of it (`open_tree`), enter the container's namespace and attach the copy at
+//! the node's path (`move_mount`). This works under the user namespace, where the container
+//! itself could not make or mount the node, and leaves nothing on the host however the helper
+//! ends: its tmpfs goes with its namespace.
+//!
+//! Requests are lines on its stdin, answers lines on its stdout:
+//! `attach MAJOR MINOR MODE UID GID PATH` or `detach PATH`, answered `ok` or `error MESSAGE`.
+
+use crate::devices::Access;
+use crate::sys;
+use anyhow::{bail, Context, Result};
+use gpubox_devices::Node;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::unistd::{chown, setfsgid, setfsuid, Gid, Pid, Uid};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+/// The supervisor's end: one running helper for one container.
+pub struct MountHelper {
+    child: Child,
+    requests: ChildStdin,
+    answers: BufReader<ChildStdout>,
+}
+
+impl MountHelper {
+    /// Starts the helper for the container whose payload is `pid` and whose root is host id
+    /// `owner`; `dir` is any directory, covered by the helper's staging tmpfs in its own
+    /// namespace only.
+    pub fn start(pid: i32, owner: u32, dir: &Path) -> Result<MountHelper> {
+        let mut child = Command::new("/proc/self/exe")
+            .arg("mount-helper")
+            .args([pid.to_string(), owner.to_string()])
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the mount helper")?;
+        let requests = child.stdin.take().expect("piped stdin");
+        let answers = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut helper = MountHelper { child, requests, answers };
+        helper.answer().context("starting the mount helper")?;
+        Ok(helper)
+    }
+
+    /// Mounts a node with `access` at the node's own path inside.
+    pub fn attach(&mut self, node: &Node, access: Access) -> Result<()> {
+        let Access { uid, gid, mode } = access;
+        let path = line_safe(&node.path)?;
+        self.call(&format!("attach {} {} {mode:o} {uid} {gid} {path}", node.major, node.minor))
+    }
+
+    /// Unmounts what is at `path` inside and removes the mount point.
+    pub fn detach(&mut self, path: &Path) -> Result<()> {
+        self.call(&format!("detach {}", line_safe(path)?))
+    }
+
+    fn call(&mut self, request: &str) -> Result<()> {
+        writeln!(self.requests, "{request}").context("the mount helper is gone")?;
+        self.answer()
+    }
+
+    fn answer(&mut self) -> Result<()> {
+        let mut line = String::new();
+        if self.answers.read_line(&mut line).context("reading the mount helper's answer")? == 0 {
+            bail!("the mount helper ended");
+        }
+        match line.trim_end().strip_prefix("error ") {
+            Some(message) => bail!("{message}"),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the helper still runs (a dead one is replaced by the next change).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for MountHelper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn line_safe(path: &Path) -> Result<&str> {
+    match path.to_str() {
+        Some(p) if !p.contains('\n') => Ok(p),
+        _ => bail!("device path {} cannot be passed to the mount helper", path.display()),
+    }
+}
+
+/// The helper itself (`gpubox-supervisor mount-helper`): serves requests until its stdin
+/// closes or the supervisor dies.
+pub fn serve(pid: i32, owner: u32, dir: &Path) -> Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    if nix::unistd::getppid() == Pid::from_raw(1) {
+        bail!("the supervisor is gone");
+    }
+    let container = File::open(format!("/proc/{pid}/ns/mnt")).with_context(|| format!("container process {pid}"))?;
+    unshare(CloneFlags::CLONE_NEWNS).context("a private mount namespace")?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
+    mount(Some("gpubox-staging"), dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0700"))
+        .with_context(|| format!("mounting the staging tmpfs on {}", dir.display()))?;
+    let own = File::open("/proc/self/ns/mnt")?;
+    let helper = Helper { container, own, owner, staging: dir.to_owned() };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ok")?;
+    out.flush()?;
+    for request in std::io::stdin().lock().lines() {
+        let answer = match helper.handle(&request?) {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => format!("error {}", format!("{e:#}").replace('\n', " ")),
+        };
+        writeln!(out, "{answer}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+struct Helper {
+    container: File,
+    own: File,
+    /// Host id of the container's root: mount points inside are made as that id.
+    owner: u32,
+    staging: PathBuf,
+}
+
+impl Helper {
+    fn handle(&self, request: &str) -> Result<()> {
+        let words: Vec<&str> = request.splitn(7, ' ').collect();
+        match words[..] {
+            ["attach", major, minor, mode, uid, gid, path] => {
+                let access = Access { uid: uid.parse()?, gid: gid.parse()?, mode: u32::from_str_radix(mode, 8)? };
+                self.attach(major.parse()?, minor.parse()?, access, Path::new(path))
+            }
+            ["detach", ..] => self.detach(Path::new(request.trim_start_matches("detach "))),
+            _ => bail!("unknown request {request:?}"),
+        }
+    }
+
+    fn attach(&self, major: u32, minor: u32, access: Access, path: &Path) -> Result<()> {
+        setns(&self.own, CloneFlags::CLONE_NEWNS)?;
+        let source = self.staging_node(path);
+        let _ = fs::remove_file(&source);
+        mknod(&source, SFlag::S_IFCHR, Mode::from_bits_truncate(access.mode), makedev(major.into(), minor.into()))
+            .with_context(|| format!("creating the staging node for {}", path.display()))?;
+        // mknod applies the umask; the mode must be exactly what was asked for.
+        fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(access.mode))?;
+        chown(&source, Some(Uid::from_raw(self.owner + access.uid)), Some(Gid::from_raw(self.owner + access.gid)))
+            .with_context(|| format!("setting the owner of {}", path.display()))?;
+        let tree = sys::open_tree_clone(&source).with_context(|| format!("cloning {}", source.display()))?;
+        // setns leaves us at the namespace's root, which is the container's `/`.
+        setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
+        self.as_container_root(|| {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {} in the container", parent.display()))?;
+            }
+            if !path.exists() {
+                File::create(path)
+                    .with_context(|| format!("creating the mount point {} in the container", path.display()))?;
+            }
+            Ok(())
+        })?;
+        sys::move_mount_to(&tree, path).with_context(|| format!("mounting {} in the container", path.display()))
+    }
+
+    fn detach(&self, path: &Path) -> Result<()> {
+        setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
+        match umount2(path, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(e).with_context(|| format!("unmounting {} in the container", path.display())),
+        }
+        let _ = fs::remove_file(path);
+        setns(&self.own, CloneFlags::CLONE_NEWNS)?;
+        let _ = fs::remove_file(self.staging_node(path));
+        Ok(())
+    }
+
+    fn staging_node(&self, path: &Path) -> PathBuf {
+        self.staging.join(path.to_string_lossy().trim_start_matches('/').replace('/', "-"))
+    }
+
+    /// The container's file systems belong to its user namespace, where host root's ids do not
+    /// exist: files are made as the container's root. A non-zero fsuid also drops CAP_MKNOD
+    /// and friends, so it is set only for this.
+    fn as_container_root(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        setfsgid(Gid::from_raw(self.owner));
+        setfsuid(Uid::from_raw(self.owner));
+        let result = f();
+        setfsuid(Uid::from_raw(0));
+        setfsgid(Gid::from_raw(0));
+        result
+    }
+}
