@@ -129,6 +129,11 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
         load_seccomp(plan)?;
     }
 
+    // The exec barrier (with hooks, their barrier above was it): the supervisor has put
+    // the device program in place while we built the file system.
+    if !plan.hooks_barrier && go.read(&mut byte)? != 1 {
+        return Err(anyhow!("the supervisor went away during setup").into());
+    }
     // Credentials are final, so the parent-death signal sticks; then make sure the
     // supervisor did not die before it was set.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;

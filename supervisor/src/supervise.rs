@@ -152,18 +152,8 @@ fn run_staged(
     if let Some(console) = plan.console.as_ref().and_then(|c| gpubox_devices::Node::stat(c.clone())) {
         base_allowed.push((console.major, Some(console.minor)));
     }
-    let mut program = None;
-    if let Some(cg) = &cgroup {
-        let mut allowed = base_allowed.clone();
-        allowed.extend(selection.nodes.iter().map(|n| (n.major, Some(n.minor))));
-        match devcgroup::restrict(cg, &allowed) {
-            Ok(p) => program = Some(p),
-            Err(e) => {
-                cg_cleanup(cgroup);
-                return Err(e);
-            }
-        }
-    }
+    let mut allowed = base_allowed.clone();
+    allowed.extend(selection.nodes.iter().map(|n| (n.major, Some(n.minor))));
     plan.hooks_barrier = !selection.hooks.is_empty();
     let hooks = Hooks::new(d, &selection.hooks)?;
     let plan = &*plan;
@@ -218,6 +208,21 @@ fn run_staged(
     };
     let mut go = File::from(go_write);
     go.write_all(b"1").context("releasing the container")?;
+    // While the child builds its file system: the device program only has to be in place
+    // before the payload runs, and the child waits for the second byte before it execs.
+    let program = match cgroup.as_ref().map(|cg| devcgroup::restrict(cg, &allowed)).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = signal::kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, None);
+            revoke(&unit);
+            cleanup(cgroup);
+            return Err(e);
+        }
+    };
+    if !plan.hooks_barrier {
+        go.write_all(b"1").context("releasing the container to exec")?;
+    }
 
     // The error pipe closes on exec (success) or carries "CODE\nMESSAGE" (failure); with hooks,
     // "created" comes first, when the file system is ready for them.
