@@ -19,8 +19,6 @@ pub struct Cgroup {
     /// systemd delegated this cgroup to us: we run as a unit's main process.
     pub delegated: bool,
     payload_fd: OwnedFd,
-    /// Created by us standalone; removed with the payload leaf.
-    own: Option<PathBuf>,
 }
 
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
@@ -66,17 +64,16 @@ impl Cgroup {
             enable_controllers(&own);
             let payload = own.join("payload");
             mkdir(&payload)?;
-            return Ok(Some(Cgroup { payload_fd: open_dir(&payload)?, payload, own: None, delegated: true }));
+            return Ok(Some(Cgroup { payload_fd: open_dir(&payload)?, payload, delegated: true }));
         }
         sweep_stale(&own);
-        let dir = own.join(format!("gpubox-{name}-{}", std::process::id()));
-        if let Err(e) = mkdir(&dir) {
+        // One level: the supervisor stays where it was started, so nothing needs a sibling.
+        let payload = own.join(format!("gpubox-{name}-{}", std::process::id()));
+        if let Err(e) = mkdir(&payload) {
             log::warn(&format!("{e:#}: the container runs without a cgroup of its own"));
             return Ok(None);
         }
-        let payload = dir.join("payload");
-        mkdir(&payload)?;
-        Ok(Some(Cgroup { payload_fd: open_dir(&payload)?, payload, own: Some(dir), delegated: false }))
+        Ok(Some(Cgroup { payload_fd: open_dir(&payload)?, payload, delegated: false }))
     }
 }
 
@@ -101,15 +98,17 @@ impl Cgroup {
         }
     }
 
-    /// Kills what is left and removes the cgroups we made.
+    /// Kills what is left and removes the cgroup we made (usually empty by now: removing it
+    /// comes first, killing only if that fails).
     pub fn remove(self) {
+        if fs::remove_dir(&self.payload).is_ok() {
+            return;
+        }
         if populated(&self.payload) {
             self.kill();
         }
-        for dir in std::iter::once(&self.payload).chain(self.own.as_ref()) {
-            if let Err(e) = fs::remove_dir(dir) {
-                log::warn(&format!("cannot remove cgroup {}: {e}", dir.display()));
-            }
+        if let Err(e) = fs::remove_dir(&self.payload) {
+            log::warn(&format!("cannot remove cgroup {}: {e}", self.payload.display()));
         }
     }
 }
@@ -165,7 +164,6 @@ fn sweep_stale(parent: &Path) {
             continue;
         };
         if !Path::new("/proc").join(&pid).exists() {
-            let _ = fs::remove_dir(entry.path().join("payload"));
             let _ = fs::remove_dir(entry.path());
         }
     }
