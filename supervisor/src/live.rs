@@ -88,12 +88,13 @@ impl Live {
     /// match now and is not attached yet. Remove (always, so that no container keeps the
     /// permission for a device that is gone): detach every node its selector no longer finds.
     pub fn hotplug(&mut self, action: &str) -> Result<()> {
-        if self.state != "running" {
+        let adds = matches!(action, "add" | "change" | "bind");
+        if self.state != "running" || (adds && !self.hotplug) {
             return Ok(());
         }
         let inventory = Inventory::discover();
         match action {
-            "add" | "change" | "bind" if self.hotplug => {
+            "add" | "change" | "bind" => {
                 for selector in self.selectors.clone() {
                     let selection =
                         select(&inventory, std::slice::from_ref(&selector), true).map_err(anyhow::Error::msg)?;
@@ -105,7 +106,6 @@ impl Live {
                 }
                 Ok(())
             }
-            "add" | "change" | "bind" => Ok(()),
             "remove" | "unbind" => {
                 let mut still: Vec<Node> = Vec::new();
                 for device in &self.devices {
