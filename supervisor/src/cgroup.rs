@@ -84,11 +84,6 @@ impl AsRawFd for Cgroup {
 }
 
 impl Cgroup {
-    /// A second descriptor of the payload cgroup, for changing its device program later.
-    pub fn dup_fd(&self) -> Result<OwnedFd> {
-        Ok(self.payload_fd.try_clone()?)
-    }
-
     /// Kills every process left in the payload cgroup and waits until it is empty.
     pub fn kill(&self) {
         let _ = fs::write(self.payload.join("cgroup.kill"), "1");

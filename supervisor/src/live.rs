@@ -4,14 +4,14 @@
 //! systemd's `DeviceAllow=`) and last on detach, so the container never sees a node it cannot
 //! open; a failed attach is rolled back whole.
 
+use crate::devcgroup::DeviceFilter;
 use crate::devices::{Access, Staging};
 use crate::mount_helper::MountHelper;
-use crate::{devcgroup, log, systemd};
+use crate::{log, systemd};
 use anyhow::{bail, Context, Result};
 use gpubox_control::{Device, Status};
 use gpubox_definition::Selector;
 use gpubox_devices::{select, Inventory, Node};
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 pub struct Live {
@@ -29,9 +29,9 @@ pub struct Live {
     pub owner: u32,
     /// The container's runtime directory, which the helper covers with its staging tmpfs.
     pub run_dir: PathBuf,
-    pub cgroup: Option<OwnedFd>,
     pub cgroup_path: Option<PathBuf>,
-    pub program: Option<OwnedFd>,
+    /// The device-cgroup program's allowed nodes (none without a cgroup).
+    pub devices_filter: Option<DeviceFilter>,
     /// Device numbers every container may use (the standard nodes, its console).
     pub base_allowed: Vec<(u32, Option<u32>)>,
     pub unit: Option<String>,
@@ -201,10 +201,10 @@ impl Live {
     /// payload's cgroup, and under systemd the unit's `DeviceAllow=` (by class for GPUs, see
     /// `systemd`).
     fn grant(&mut self, nodes: &[Node]) -> Result<()> {
-        if let (Some(cgroup), Some(old)) = (&self.cgroup, &self.program) {
+        if let Some(filter) = &mut self.devices_filter {
             let mut allowed = self.base_allowed.clone();
             allowed.extend(nodes.iter().map(|n| (n.major, Some(n.minor))));
-            self.program = Some(devcgroup::replace(cgroup, old, &allowed)?);
+            filter.set(&allowed)?;
         }
         if let Some(unit) = &self.unit {
             let entries = systemd::device_allow_entries(nodes, &self.allowed_by_systemd);

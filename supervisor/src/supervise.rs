@@ -210,7 +210,7 @@ fn run_staged(
     go.write_all(b"1").context("releasing the container")?;
     // While the child builds its file system: the device program only has to be in place
     // before the payload runs, and the child waits for the second byte before it execs.
-    let program = match cgroup.as_ref().map(|cg| devcgroup::restrict(cg, &allowed)).transpose() {
+    let devices_filter = match cgroup.as_ref().map(|cg| devcgroup::DeviceFilter::attach(cg, &allowed)).transpose() {
         Ok(p) => p,
         Err(e) => {
             let _ = signal::kill(child, Signal::SIGKILL);
@@ -270,9 +270,8 @@ fn run_staged(
         helper: None,
         owner,
         run_dir: RuntimeDir::path(&d.name),
-        cgroup: cgroup.as_ref().map(Cgroup::dup_fd).transpose()?,
         cgroup_path: cgroup.as_ref().map(|c| c.payload.clone()),
-        program,
+        devices_filter,
         base_allowed,
         unit: unit.clone(),
         device_group,
