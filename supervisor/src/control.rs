@@ -73,10 +73,16 @@ impl Container {
     }
 }
 
-/// Binds the socket and serves it on a thread for as long as the process lives.
-pub fn serve(name: &str, live: Shared) -> Result<()> {
+/// The bound socket, not served yet: binding happens while the container is being set up,
+/// serving once its payload runs.
+pub struct Listener {
+    listener: UnixListener,
+    group: Option<nix::unistd::Gid>,
+}
+
+/// Binds the socket (in the runtime directory, which exists by now).
+pub fn bind(name: &str) -> Result<Listener> {
     let path = socket_path(name);
-    std::fs::create_dir_all(path.parent().expect("socket has a directory"))?;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     let group = gpubox_group();
@@ -84,22 +90,30 @@ pub fn serve(name: &str, live: Shared) -> Result<()> {
     if let Some(gid) = group {
         nix::unistd::chown(&path, None, Some(gid))?;
     }
-    let peers: Peers = Arc::default();
-    std::thread::Builder::new().name("control".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if !allowed(&stream, group) {
-                log::warn("refused a control connection from a peer that is not root");
-                continue;
-            }
-            let (live, peers) = (live.clone(), peers.clone());
-            let _ = std::thread::Builder::new().name("control-peer".into()).spawn(move || {
-                if let Err(e) = serve_peer(stream, live, peers) {
-                    log::warn(&format!("control connection: {e:#}"));
+    Ok(Listener { listener, group })
+}
+
+impl Listener {
+    /// Serves the socket on a thread for as long as the process lives.
+    pub fn serve(self, live: Shared) -> Result<()> {
+        let Listener { listener, group } = self;
+        let peers: Peers = Arc::default();
+        std::thread::Builder::new().name("control".into()).spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if !allowed(&stream, group) {
+                    log::warn("refused a control connection from a peer that is not root");
+                    continue;
                 }
-            });
-        }
-    })?;
-    Ok(())
+                let (live, peers) = (live.clone(), peers.clone());
+                let _ = std::thread::Builder::new().name("control-peer".into()).spawn(move || {
+                    if let Err(e) = serve_peer(stream, live, peers) {
+                        log::warn(&format!("control connection: {e:#}"));
+                    }
+                });
+            }
+        })?;
+        Ok(())
+    }
 }
 
 /// The `gpubox` group from /etc/group itself: an NSS lookup would load every module that

@@ -11,13 +11,16 @@ pub fn init(name: &str, journal: bool) {
 
 fn emit(priority: u8, level: &str, message: &str) {
     let (name, journal) = PREFIX.get().map(|(n, j)| (n.as_str(), *j)).unwrap_or(("?", false));
+    // One write per line: stderr is unbuffered, and the journal reads it line by line.
+    let mut text = String::new();
     for line in message.lines() {
         if journal {
-            eprintln!("<{priority}>{line}");
+            text += &format!("<{priority}>{line}\n");
         } else {
-            eprintln!("gpubox[{name}]: {level}{line}");
+            text += &format!("gpubox[{name}]: {level}{line}\n");
         }
     }
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), text.as_bytes());
 }
 
 pub fn error(message: &str) {

@@ -223,6 +223,9 @@ fn run_staged(
     if !plan.hooks_barrier {
         go.write_all(b"1").context("releasing the container to exec")?;
     }
+    // Also while the child works: the control socket, served once the payload runs.
+    let socket = SocketFile(gpubox_control::socket_path(&d.name));
+    let listener = control::bind(&d.name).map_err(|e| log::warn(&format!("no control socket: {e:#}"))).ok();
 
     // The error pipe closes on exec (success) or carries "CODE\nMESSAGE" (failure); with hooks,
     // "created" comes first, when the file system is ready for them.
@@ -280,7 +283,7 @@ fn run_staged(
         followed: false,
         allowed_by_systemd,
     }));
-    if let Err(e) = control::serve(&d.name, live.clone()) {
+    if let Some(Err(e)) = listener.map(|l| l.serve(live.clone())) {
         log::warn(&format!("no control socket: {e:#}"));
     }
     // Containers with devices follow udev's events; one without gets there at its first attach.
@@ -294,7 +297,7 @@ fn run_staged(
         live.state = "stopping";
         live.helper = None;
     }
-    let _ = std::fs::remove_file(gpubox_control::socket_path(&d.name));
+    drop(socket);
     drop(go);
     let summary = match status {
         WaitStatus::Exited(_, code) => format!("exited with status {code}"),
@@ -370,6 +373,15 @@ impl Drop for Hooks<'_> {
         if let Some(parent) = self.bundle.parent() {
             let _ = std::fs::remove_dir(parent); // only when empty: made for the bundle alone
         }
+    }
+}
+
+/// The control socket's file, removed when the container stops or fails to start.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
