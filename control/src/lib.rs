@@ -33,13 +33,16 @@ pub struct Status {
 }
 
 /// A device the container holds.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Device {
     /// How it is named: the selector form that found it (`drm:card0`, `cdi:…`).
     pub name: String,
     pub nodes: Vec<PathBuf>,
     /// `start`, `hand` (gpuboxctl attach) or `hotplug`.
     pub how: String,
+    /// Paths inside where the device's CDI mounts are bound.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -111,6 +111,10 @@ fn with_client(
         for d in &status.devices {
             let nodes: Vec<String> = d.nodes.iter().map(|n| n.display().to_string()).collect();
             println!("  {} ({}): {}", d.name, d.how, nodes.join(" "));
+            if !d.mounts.is_empty() {
+                let mounts: Vec<String> = d.mounts.iter().map(|m| m.display().to_string()).collect();
+                println!("    mounts: {}", mounts.join(" "));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

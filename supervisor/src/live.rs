@@ -8,9 +8,10 @@ use crate::devcgroup::DeviceFilter;
 use crate::devices::{Access, Staging};
 use crate::mount_helper::MountHelper;
 use crate::{log, systemd};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use gpubox_control::{Device, Status};
 use gpubox_definition::Selector;
+use gpubox_devices::cdi::Mount;
 use gpubox_devices::{select, Inventory, Node};
 use std::path::PathBuf;
 
@@ -39,6 +40,8 @@ pub struct Live {
     pub device_group: u32,
     pub devices: Vec<Device>,
     pub nodes: Vec<Node>,
+    /// Paths inside where devices' CDI mounts are bound (from the start, or attached since).
+    pub mounts: Vec<PathBuf>,
     /// Whether udev's events are followed (see `watch`).
     pub followed: bool,
     /// The unit's `DeviceAllow=` as last set (see `systemd`).
@@ -66,7 +69,7 @@ impl Live {
         }
         let selection =
             select(&Inventory::discover(), std::slice::from_ref(&selector), false).map_err(anyhow::Error::msg)?;
-        self.attach_nodes(&name, &selection.nodes, how)
+        self.attach_device(&name, &selection.nodes, &selection.mounts, how)
     }
 
     /// Detaches what was attached as `selector`; detaching it again changes nothing.
@@ -81,7 +84,8 @@ impl Live {
             .filter(|n| device.nodes.contains(&n.path) && !self.devices.iter().any(|d| d.nodes.contains(&n.path)))
             .cloned()
             .collect();
-        self.detach_nodes(&going)
+        self.detach_nodes(&going)?;
+        self.unbind_mounts_of(&[device])
     }
 
     /// A udev event. Add (with `Hotplug=yes` only): attach what the definition's selectors
@@ -101,7 +105,7 @@ impl Live {
                     let missing: Vec<Node> =
                         selection.nodes.into_iter().filter(|n| !self.nodes.iter().any(|m| m.path == n.path)).collect();
                     if !missing.is_empty() {
-                        self.attach_nodes(&selector.to_string(), &missing, "hotplug")?;
+                        self.attach_device(&selector.to_string(), &missing, &selection.mounts, "hotplug")?;
                     }
                 }
                 Ok(())
@@ -127,38 +131,81 @@ impl Live {
         Ok(())
     }
 
-    fn attach_nodes(&mut self, name: &str, nodes: &[Node], how: &str) -> Result<()> {
+    /// Nodes first (permission, then each node), then the CDI mounts the container does not
+    /// have yet; any failure undoes everything done, so the container never sees half a GPU.
+    fn attach_device(&mut self, name: &str, nodes: &[Node], mounts: &[Mount], how: &str) -> Result<()> {
         let new: Vec<Node> = nodes.iter().filter(|n| !self.nodes.contains(n)).cloned().collect();
+        let mut new_mounts: Vec<&Mount> = Vec::new();
+        for m in mounts {
+            if !self.mounts.contains(&m.container_path)
+                && !new_mounts.iter().any(|n| n.container_path == m.container_path)
+            {
+                new_mounts.push(m);
+            }
+        }
         let mut all = self.nodes.clone();
         all.extend(new.iter().cloned());
         self.grant(&all)?;
-        let mut done = Vec::new();
+        let (mut done, mut bound) = (Vec::new(), Vec::new());
+        let mut failed = None;
         for node in &new {
             let access = Access::for_node(node, self.device_group);
-            let attached = self.helper().and_then(|h| h.attach(node, access));
-            if let Err(e) = attached {
-                for n in &done {
-                    let _ = self.eject(n);
+            match self.helper().and_then(|h| h.attach(node, access)) {
+                Ok(()) => done.push(node.clone()),
+                Err(e) => {
+                    failed = Some(e.context(format!("attaching {}", node.path.display())));
+                    break;
                 }
-                let before = self.nodes.clone();
-                let _ = self.grant(&before);
-                return Err(e).with_context(|| format!("attaching {}", node.path.display()));
             }
-            done.push(node.clone());
+        }
+        for m in &new_mounts {
+            if failed.is_some() {
+                break;
+            }
+            let read_only = m.options.iter().any(|o| o == "ro");
+            match self.helper().and_then(|h| h.bind(&m.host_path, &m.container_path, read_only)) {
+                Ok(()) => bound.push(m.container_path.clone()),
+                Err(e) => failed = Some(e.context(format!("binding {}", m.container_path.display()))),
+            }
+        }
+        if let Some(e) = failed {
+            for path in &bound {
+                let _ = self.helper().and_then(|h| h.unbind(path));
+            }
+            for n in &done {
+                let _ = self.eject(n);
+            }
+            let before = self.nodes.clone();
+            let _ = self.grant(&before);
+            return Err(e);
         }
         self.nodes = all;
+        self.mounts.extend(bound.iter().cloned());
         let paths: Vec<PathBuf> = nodes.iter().map(|n| n.path.clone()).collect();
-        match self.devices.iter_mut().find(|d| d.name == name) {
-            Some(d) => {
-                for p in paths {
-                    if !d.nodes.contains(&p) {
-                        d.nodes.push(p);
-                    }
-                }
+        let mount_paths: Vec<PathBuf> = mounts.iter().map(|m| m.container_path.clone()).collect();
+        let device = match self.devices.iter_mut().position(|d| d.name == name) {
+            Some(i) => &mut self.devices[i],
+            None => {
+                self.devices.push(Device { name: name.to_owned(), how: how.to_owned(), ..Device::default() });
+                self.devices.last_mut().expect("just pushed")
             }
-            None => self.devices.push(Device { name: name.to_owned(), nodes: paths, how: how.to_owned() }),
+        };
+        for p in paths {
+            if !device.nodes.contains(&p) {
+                device.nodes.push(p);
+            }
         }
-        log::info(&format!("attached {name} ({how}): {}", describe(&new)));
+        for p in mount_paths {
+            if !device.mounts.contains(&p) {
+                device.mounts.push(p);
+            }
+        }
+        let mut what = describe(&new);
+        if !bound.is_empty() {
+            what +=
+                &format!(" (mounts: {})", bound.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "));
+        }
+        log::info(&format!("attached {name} ({how}): {what}"));
         Ok(())
     }
 
@@ -176,8 +223,24 @@ impl Live {
         for d in &mut self.devices {
             d.nodes.retain(|p| !going.iter().any(|n| &n.path == p));
         }
-        self.devices.retain(|d| !d.nodes.is_empty());
+        let (left, kept): (Vec<Device>, Vec<Device>) = self.devices.drain(..).partition(|d| d.nodes.is_empty());
+        self.devices = kept;
+        self.unbind_mounts_of(&left)?;
         log::info(&format!("detached {}", describe(going)));
+        Ok(())
+    }
+
+    /// Unbinds the CDI mounts of devices that went, unless a device still held has them too.
+    fn unbind_mounts_of(&mut self, gone: &[Device]) -> Result<()> {
+        let going: Vec<PathBuf> = gone
+            .iter()
+            .flat_map(|d| d.mounts.iter().cloned())
+            .filter(|p| self.mounts.contains(p) && !self.devices.iter().any(|d| d.mounts.contains(p)))
+            .collect();
+        for path in going {
+            self.helper()?.unbind(&path)?;
+            self.mounts.retain(|p| *p != path);
+        }
         Ok(())
     }
 

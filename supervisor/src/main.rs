@@ -125,9 +125,13 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
         // Per selector, for status: which nodes each one brought.
         for selector in &definition.gpu.devices {
             let one = gpubox_devices::select(&inventory, std::slice::from_ref(selector), true).unwrap_or_default();
-            if !one.nodes.is_empty() {
-                let nodes = one.nodes.iter().map(|n| n.path.clone()).collect();
-                start_devices.push(gpubox_control::Device { name: selector.to_string(), nodes, how: "start".into() });
+            if !one.nodes.is_empty() || !one.mounts.is_empty() {
+                start_devices.push(gpubox_control::Device {
+                    name: selector.to_string(),
+                    nodes: one.nodes.iter().map(|n| n.path.clone()).collect(),
+                    how: "start".into(),
+                    mounts: one.mounts.iter().map(|m| m.container_path.clone()).collect(),
+                });
             }
         }
         selection

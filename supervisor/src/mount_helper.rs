@@ -11,8 +11,12 @@
 //! itself could not make or mount the node, and leaves nothing on the host however the helper
 //! ends: its tmpfs goes with its namespace.
 //!
-//! Requests are lines on its stdin, answers lines on its stdout:
-//! `attach MAJOR MINOR MODE UID GID PATH` or `detach PATH`, answered `ok` or `error MESSAGE`.
+//! CDI mounts go the same way: a detached copy of the host path (`open_tree` with
+//! `AT_RECURSIVE`, made read-only with `mount_setattr` when asked), moved onto its path inside.
+//!
+//! Requests are lines on its stdin, answers lines on its stdout: `attach MAJOR MINOR MODE UID
+//! GID PATH`, `detach PATH`, `bind RO LENGTH HOSTPATH PATH` (RO 0 or 1, LENGTH the bytes of
+//! HOSTPATH) or `unbind PATH`, answered `ok` or `error MESSAGE`.
 
 use crate::devices::Access;
 use crate::sys;
@@ -66,6 +70,17 @@ impl MountHelper {
         self.call(&format!("detach {}", line_safe(path)?))
     }
 
+    /// Binds the host's `source` at `target` inside (recursively; read-only if asked).
+    pub fn bind(&mut self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
+        let source = line_safe(source)?;
+        self.call(&format!("bind {} {} {source} {}", u8::from(read_only), source.len(), line_safe(target)?))
+    }
+
+    /// Unmounts a bind; its mount point goes only if the helper made it.
+    pub fn unbind(&mut self, target: &Path) -> Result<()> {
+        self.call(&format!("unbind {}", line_safe(target)?))
+    }
+
     fn call(&mut self, request: &str) -> Result<()> {
         writeln!(self.requests, "{request}").context("the mount helper is gone")?;
         self.answer()
@@ -111,16 +126,20 @@ pub fn serve(pid: i32, owner: u32, dir: &Path) -> Result<()> {
     }
     let container = File::open(format!("/proc/{pid}/ns/mnt")).with_context(|| format!("container process {pid}"))?;
     unshare(CloneFlags::CLONE_NEWNS).context("a private mount namespace")?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
+    // A slave: host mounts made later (a driver's directory) still show here, for binds.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)?;
     mount(Some("gpubox-staging"), dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0700"))
         .with_context(|| format!("mounting the staging tmpfs on {}", dir.display()))?;
     let own = File::open("/proc/self/ns/mnt")?;
-    let helper = Helper { container, own, owner, staging: dir.to_owned() };
+    let mut helper = Helper { container, own, owner, staging: dir.to_owned(), made: Vec::new() };
     let mut out = std::io::stdout().lock();
     writeln!(out, "ok")?;
     out.flush()?;
     for request in std::io::stdin().lock().lines() {
-        let answer = match helper.handle(&request?) {
+        let result = helper.handle(&request?);
+        // Between requests the helper is always back in its own namespace.
+        setns(&helper.own, CloneFlags::CLONE_NEWNS)?;
+        let answer = match result {
             Ok(()) => "ok".to_owned(),
             Err(e) => format!("error {}", format!("{e:#}").replace('\n', " ")),
         };
@@ -136,10 +155,12 @@ struct Helper {
     /// Host id of the container's root: mount points inside are made as that id.
     owner: u32,
     staging: PathBuf,
+    /// Mount points of binds that this helper made inside (and may remove again).
+    made: Vec<PathBuf>,
 }
 
 impl Helper {
-    fn handle(&self, request: &str) -> Result<()> {
+    fn handle(&mut self, request: &str) -> Result<()> {
         let words: Vec<&str> = request.splitn(7, ' ').collect();
         match words[..] {
             ["attach", major, minor, mode, uid, gid, path] => {
@@ -147,8 +168,65 @@ impl Helper {
                 self.attach(major.parse()?, minor.parse()?, access, Path::new(path))
             }
             ["detach", ..] => self.detach(Path::new(request.trim_start_matches("detach "))),
+            ["bind", read_only, length, ..] => {
+                let rest = request.splitn(4, ' ').nth(3).unwrap_or_default();
+                let length: usize = length.parse()?;
+                let (source, target) = match (rest.get(..length), rest.get(length..)) {
+                    (Some(s), Some(t)) if t.starts_with(' ') => (s, &t[1..]),
+                    _ => bail!("malformed request {request:?}"),
+                };
+                self.bind(Path::new(source), Path::new(target), read_only == "1")
+            }
+            ["unbind", ..] => self.unbind(Path::new(request.trim_start_matches("unbind "))),
             _ => bail!("unknown request {request:?}"),
         }
+    }
+
+    fn bind(&mut self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
+        setns(&self.own, CloneFlags::CLONE_NEWNS)?;
+        let tree = sys::open_tree_clone_recursive(source).with_context(|| format!("cloning {}", source.display()))?;
+        if read_only {
+            sys::mount_setattr_fd(&tree, sys::MOUNT_ATTR_RDONLY)
+                .with_context(|| format!("making {} read-only", source.display()))?;
+        }
+        let is_dir = source.is_dir();
+        setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
+        let made = self.as_container_root(|| {
+            if target.exists() {
+                return Ok(false);
+            }
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {} in the container", parent.display()))?;
+            }
+            if is_dir { fs::create_dir(target) } else { File::create(target).map(drop) }
+                .with_context(|| format!("creating the mount point {} in the container", target.display()))?;
+            Ok(true)
+        })?;
+        if let Err(e) = sys::move_mount_to(&tree, target) {
+            if made {
+                let _ = if is_dir { fs::remove_dir(target) } else { fs::remove_file(target) };
+            }
+            return Err(e)
+                .with_context(|| format!("mounting {} at {} in the container", source.display(), target.display()));
+        }
+        if made {
+            self.made.push(target.to_owned());
+        }
+        Ok(())
+    }
+
+    fn unbind(&mut self, target: &Path) -> Result<()> {
+        setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
+        match umount2(target, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(e).with_context(|| format!("unmounting {} in the container", target.display())),
+        }
+        if let Some(i) = self.made.iter().position(|m| m == target) {
+            self.made.remove(i);
+            let _ = fs::remove_dir(target).or_else(|_| fs::remove_file(target));
+        }
+        Ok(())
     }
 
     fn attach(&self, major: u32, minor: u32, access: Access, path: &Path) -> Result<()> {
@@ -197,7 +275,7 @@ impl Helper {
     /// The container's file systems belong to its user namespace, where host root's ids do not
     /// exist: files are made as the container's root. A non-zero fsuid also drops CAP_MKNOD
     /// and friends, so it is set only for this.
-    fn as_container_root(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    fn as_container_root<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         setfsgid(Gid::from_raw(self.owner));
         setfsuid(Uid::from_raw(self.owner));
         let result = f();

@@ -119,6 +119,43 @@ pub fn open_tree_clone(path: &std::path::Path) -> io::Result<std::os::fd::OwnedF
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
 }
 
+/// A detached copy of the mount tree at `path`, submounts included (what `mount --rbind`
+/// would bind).
+pub fn open_tree_clone_recursive(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    let c = cpath(path)?;
+    let flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32;
+    // SAFETY: c is NUL-terminated; the flags ask for a new fd and nothing else.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor the kernel just returned, owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
+}
+
+/// Sets mount attributes on a detached tree (from `open_tree`), recursively.
+pub fn mount_setattr_fd(tree: &std::os::fd::OwnedFd, set: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: tree is an open mount fd named by the empty path with AT_EMPTY_PATH; attr is a
+    // valid mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Attaches a detached mount (from [`open_tree_clone`]) at `target` in the current namespace.
 pub fn move_mount_to(tree: &std::os::fd::OwnedFd, target: &std::path::Path) -> io::Result<()> {
     use std::os::fd::AsRawFd;

@@ -48,10 +48,12 @@ impl Container {
             .unwrap();
         }
         fs::create_dir(d.join("cdi")).unwrap();
+        fs::create_dir(d.join("lib")).unwrap();
+        fs::write(d.join("lib/marker"), "from the host").unwrap();
         fs::write(
             d.join("cdi/standin.yaml"),
             format!(
-                "cdiVersion: \"0.6.0\"\nkind: example.com/gpu\ndevices:\n  - name: a\n    containerEdits:\n      deviceNodes: [{{path: /dev/standin0, hostPath: {d}/s0}}]\n  - name: b\n    containerEdits:\n      deviceNodes: [{{path: /dev/dri/standin1, hostPath: {d}/s1}}]\n",
+                "cdiVersion: \"0.6.0\"\nkind: example.com/gpu\ndevices:\n  - name: a\n    containerEdits:\n      deviceNodes: [{{path: /dev/standin0, hostPath: {d}/s0}}]\n  - name: b\n    containerEdits:\n      deviceNodes: [{{path: /dev/dri/standin1, hostPath: {d}/s1}}]\n      mounts: [{{hostPath: {d}/lib, containerPath: /run/standin-lib, options: [ro, bind]}}]\n",
                 d = d.display()
             ),
         )
@@ -149,6 +151,9 @@ fn attach_and_detach_by_hand() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("cdi:example.com/gpu=b (hand): /dev/dri/standin1"), "{out}");
     assert_eq!(c.inside(OPEN), "present", "attached and usable inside");
+    assert_eq!(c.inside("cat /run/standin-lib/marker"), "from the host", "its CDI mount is there");
+    assert!(c.inside("touch /run/standin-lib/x && echo writable").contains("Read-only"), "and read-only");
+    assert!(c.ctl(&["status", "live-hand"]).1.contains("mounts: /run/standin-lib"));
     let (_, devices, _) = c.ctl(&["devices", "--json"]);
     let devices: serde_json::Value = serde_json::from_str(&devices).unwrap();
     let b = devices["cdi"].as_array().unwrap().iter().find(|d| d["name"] == "cdi:example.com/gpu=b").unwrap();
@@ -160,6 +165,7 @@ fn attach_and_detach_by_hand() {
     assert_eq!(c.ctl(&["detach", "live-hand", "cdi:example.com/gpu=b"]).0, 0);
     assert_eq!(c.inside(OPEN), "absent");
     assert_eq!(c.inside("ls /dev/dri | wc -l"), "0", "no mount point left behind");
+    assert_eq!(c.inside("test -e /run/standin-lib || echo gone"), "gone", "the CDI mount and its mount point");
     assert_eq!(c.inside("(exec 3<> /dev/standin0) && echo ok"), "ok", "the other device is untouched");
     // Errors: a selector that matches nothing, a container that is not running.
     let (code, _, err) = c.ctl(&["attach", "live-hand", "cdi:example.com/gpu=zzz"]);
