@@ -73,11 +73,13 @@ impl Container {
     }
 }
 
-/// The bound socket, not served yet: binding happens while the container is being set up,
-/// serving once its payload runs.
+/// The bound socket. The supervisor's main loop polls it beside its signals and gives each
+/// client a thread of its own: a container nobody talks to has no thread for this (a thread
+/// would also cost every container's exit, which must wait for it).
 pub struct Listener {
     listener: UnixListener,
     group: Option<nix::unistd::Gid>,
+    peers: Peers,
 }
 
 /// Binds the socket (in the runtime directory, which exists by now).
@@ -85,34 +87,34 @@ pub fn bind(name: &str) -> Result<Listener> {
     let path = socket_path(name);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    listener.set_nonblocking(true)?;
     let group = gpubox_group();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(if group.is_some() { 0o660 } else { 0o600 }))?;
     if let Some(gid) = group {
         nix::unistd::chown(&path, None, Some(gid))?;
     }
-    Ok(Listener { listener, group })
+    Ok(Listener { listener, group, peers: Arc::default() })
 }
 
 impl Listener {
-    /// Serves the socket on a thread for as long as the process lives.
-    pub fn serve(self, live: Shared) -> Result<()> {
-        let Listener { listener, group } = self;
-        let peers: Peers = Arc::default();
-        std::thread::Builder::new().name("control".into()).spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if !allowed(&stream, group) {
-                    log::warn("refused a control connection from a peer that is not root");
-                    continue;
-                }
-                let (live, peers) = (live.clone(), peers.clone());
-                let _ = std::thread::Builder::new().name("control-peer".into()).spawn(move || {
-                    if let Err(e) = serve_peer(stream, live, peers) {
-                        log::warn(&format!("control connection: {e:#}"));
-                    }
-                });
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
+    }
+
+    /// Accepts the clients that are waiting, each served on a thread of its own.
+    pub fn accept(&self, live: &Shared) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if !allowed(&stream, self.group) {
+                log::warn("refused a control connection from a peer that is not root");
+                continue;
             }
-        })?;
-        Ok(())
+            let (live, peers) = (live.clone(), self.peers.clone());
+            let _ = std::thread::Builder::new().name("control-peer".into()).spawn(move || {
+                if let Err(e) = serve_peer(stream, live, peers) {
+                    log::warn(&format!("control connection: {e:#}"));
+                }
+            });
+        }
     }
 }
 

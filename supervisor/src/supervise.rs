@@ -284,15 +284,13 @@ fn run_staged(
         followed: false,
         allowed_by_systemd,
     }));
-    if let Some(Err(e)) = listener.map(|l| l.serve(live.clone())) {
-        log::warn(&format!("no control socket: {e:#}"));
-    }
     // Containers with devices follow udev's events; one without gets there at its first attach.
     if !d.gpu.devices.is_empty() {
         watch::follow(&live);
     }
 
-    let (status, stopping) = wait(child, &signals, cgroup.as_ref(), mode)?;
+    let control = listener.as_ref().map(|l| (l, &live));
+    let (status, stopping) = wait(child, &signals, control, cgroup.as_ref(), mode)?;
     {
         let mut live = live.lock().expect("live state lock");
         live.state = "stopping";
@@ -431,7 +429,14 @@ fn cg_cleanup(cgroup: Option<Cgroup>) {
 /// Forwards signals until the payload ends. After SIGTERM or SIGINT, a payload still running
 /// after the stop timeout is killed, with everything in its cgroup.
 /// Also says whether a stop was asked for (SIGTERM or SIGINT came).
-fn wait(child: Pid, signals: &SignalFd, cgroup: Option<&Cgroup>, mode: &Mode) -> Result<(WaitStatus, bool)> {
+/// The control socket's clients are accepted here too.
+fn wait(
+    child: Pid,
+    signals: &SignalFd,
+    control: Option<(&control::Listener, &control::Shared)>,
+    cgroup: Option<&Cgroup>,
+    mode: &Mode,
+) -> Result<(WaitStatus, bool)> {
     let mut deadline: Option<Instant> = None;
     let mut stopping = false;
     loop {
@@ -440,7 +445,10 @@ fn wait(child: Pid, signals: &SignalFd, cgroup: Option<&Cgroup>, mode: &Mode) ->
                 .unwrap_or(nix::poll::PollTimeout::MAX),
             None => nix::poll::PollTimeout::NONE,
         };
-        let mut fds = [nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let mut fds = vec![nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN)];
+        if let Some((listener, _)) = control {
+            fds.push(nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN));
+        }
         match nix::poll::poll(&mut fds, timeout) {
             Ok(0) => {
                 log::warn(&format!("payload still running {:?} after SIGTERM; killing it", mode.stop_timeout));
@@ -454,6 +462,15 @@ fn wait(child: Pid, signals: &SignalFd, cgroup: Option<&Cgroup>, mode: &Mode) ->
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
             Ok(_) => {}
+        }
+        let ready = |fd: &nix::poll::PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        if let (Some((listener, live)), Some(fd)) = (control, fds.get(1)) {
+            if ready(fd) {
+                listener.accept(live);
+            }
+        }
+        if !ready(&fds[0]) {
+            continue;
         }
         let Some(info) = signals.read_signal()? else { continue };
         let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else { continue };
