@@ -59,13 +59,17 @@ fn main() -> ExitCode {
     };
     let mode = supervise::Mode::detect();
     log::init(target.name(), mode.systemd);
-    match run(&target, &mode) {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+    let code = match run(&target, &mode) {
+        Ok(code) => code.clamp(0, 255),
         Err(e) => {
             log::error(&format!("{e:#}"));
-            ExitCode::from(child::SETUP_FAILED as u8)
+            child::SETUP_FAILED
         }
-    }
+    };
+    // Everything is cleaned up by now and the supervisor writes nothing buffered: no atexit
+    // handlers of the libraries, which would only lengthen the container's exit.
+    // SAFETY: _exit ends the process; nothing after it runs.
+    unsafe { libc::_exit(code) }
 }
 
 fn add_driver(selection: &mut gpubox_devices::Selection, driver: gpubox_devices::driver::DriverFiles) {
