@@ -7,14 +7,19 @@ use std::path::PathBuf;
 pub fn discover() -> Result<Vec<Gpu>, String> {
     let mut enumerator = udev::Enumerator::new().map_err(|e| format!("udev: {e}"))?;
     enumerator.match_subsystem("drm").map_err(|e| format!("udev: {e}"))?;
+    // Card and render nodes only: libudev checks names before it reads a device, so the
+    // connectors (card0-DP-1, …, several per GPU) cost nothing. Discovery runs on every
+    // hotplug event.
+    for pattern in ["card[0-9]", "card[0-9][0-9]", "card[0-9][0-9][0-9]", "renderD*"] {
+        enumerator.match_sysname(pattern).map_err(|e| format!("udev: {e}"))?;
+    }
     let mut gpus: Vec<Gpu> = Vec::new();
     for dev in enumerator.scan_devices().map_err(|e| format!("udev: {e}"))? {
         let name = dev.sysname().to_string_lossy().into_owned();
-        let is_node = (name.starts_with("card") || name.starts_with("renderD")) && !name.contains('-');
-        let (Some(devnode), Some(devnum)) = (dev.devnode(), dev.devnum()) else { continue };
-        if !is_node {
+        if !(name.starts_with("card") || name.starts_with("renderD")) || name.contains('-') {
             continue;
         }
+        let (Some(devnode), Some(devnum)) = (dev.devnode(), dev.devnum()) else { continue };
         let parent = dev.parent();
         let syspath = parent.as_ref().map(|p| p.syspath().to_owned()).unwrap_or_else(|| dev.syspath().to_owned());
         let hex = |attr: &str| -> Option<u16> {
