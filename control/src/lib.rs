@@ -106,6 +106,18 @@ impl Client {
     pub fn hotplug(&self, action: &str, devnode: &str) -> Result<Status, Error> {
         self.call("Hotplug", &(action, devnode))
     }
+
+    /// The container's `Changed` signals from now on, each with its new status, as they come;
+    /// the iterator blocks, and ends when the connection does.
+    pub fn changes(&self) -> impl Iterator<Item = Status> + '_ {
+        zbus::blocking::MessageIterator::from(&self.conn).map_while(Result::ok).filter_map(|m| {
+            let header = m.header();
+            let signal = header.message_type() == zbus::message::Type::Signal
+                && header.member().is_some_and(|n| n.as_str() == "Changed");
+            let json: String = if signal { m.body().deserialize().ok()? } else { return None };
+            serde_json::from_str(&json).ok()
+        })
+    }
 }
 
 /// Names of the containers whose supervisors have a control socket.

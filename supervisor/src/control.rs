@@ -15,11 +15,26 @@ pub type Shared = Arc<Mutex<Live>>;
 
 struct Container {
     live: Shared,
-    peers: Peers,
 }
 
-/// Connected clients, by a number of our own, to send them `Changed`.
-type Peers = Arc<Mutex<Vec<(u64, zbus::blocking::Connection)>>>;
+/// Connected clients, by a number of our own, to send them `Changed` (one container per
+/// process, so one list).
+static PEERS: Mutex<Vec<(u64, zbus::blocking::Connection)>> = Mutex::new(Vec::new());
+
+/// Tells every connected client that the container changed (`Changed`, with its status), off
+/// the caller's thread: a slow client must not hold up a change.
+pub fn announce(status: &gpubox_control::Status) {
+    let Ok(json) = serde_json::to_string(status) else { return };
+    let peers = PEERS.lock().expect("peers lock").clone();
+    if peers.is_empty() {
+        return;
+    }
+    std::thread::spawn(move || {
+        for (_, peer) in peers {
+            let _ = peer.emit_signal(None::<&str>, PATH, INTERFACE, "Changed", &(json.as_str(),));
+        }
+    });
+}
 
 fn fail(e: anyhow::Error) -> zbus::fdo::Error {
     zbus::fdo::Error::Failed(format!("{e:#}"))
@@ -27,24 +42,20 @@ fn fail(e: anyhow::Error) -> zbus::fdo::Error {
 
 impl Container {
     /// Runs `change` off the D-Bus executor (it blocks: helpers, systemd calls), then tells
-    /// every connected client.
+    /// every connected client if anything changed.
     async fn change(&self, change: impl FnOnce(&mut Live) -> Result<()> + Send + 'static) -> zbus::fdo::Result<String> {
         let live = self.live.clone();
-        let status = blocking::unblock(move || {
+        let (status, changed) = blocking::unblock(move || {
             let mut live = live.lock().expect("live state lock");
-            change(&mut live).map(|_| live.status())
+            let before = live.status();
+            change(&mut live).map(|_| (live.status(), live.status() != before))
         })
         .await
         .map_err(fail)?;
-        let json = serde_json::to_string(&status).map_err(|e| fail(e.into()))?;
-        let peers = self.peers.lock().expect("peers lock").clone();
-        let signal = json.clone();
-        std::thread::spawn(move || {
-            for (_, peer) in peers {
-                let _ = peer.emit_signal(None::<&str>, PATH, INTERFACE, "Changed", &(signal.as_str(),));
-            }
-        });
-        Ok(json)
+        if changed {
+            announce(&status);
+        }
+        serde_json::to_string(&status).map_err(|e| fail(e.into()))
     }
 }
 
@@ -79,7 +90,6 @@ impl Container {
 pub struct Listener {
     listener: UnixListener,
     group: Option<nix::unistd::Gid>,
-    peers: Peers,
 }
 
 /// Binds the socket (in the runtime directory, which exists by now).
@@ -93,7 +103,7 @@ pub fn bind(name: &str) -> Result<Listener> {
     if let Some(gid) = group {
         nix::unistd::chown(&path, None, Some(gid))?;
     }
-    Ok(Listener { listener, group, peers: Arc::default() })
+    Ok(Listener { listener, group })
 }
 
 impl Listener {
@@ -108,9 +118,9 @@ impl Listener {
                 log::warn("refused a control connection from a peer that is not root");
                 continue;
             }
-            let (live, peers) = (live.clone(), self.peers.clone());
+            let live = live.clone();
             let _ = std::thread::Builder::new().name("control-peer".into()).spawn(move || {
-                if let Err(e) = serve_peer(stream, live, peers) {
+                if let Err(e) = serve_peer(stream, live) {
                     log::warn(&format!("control connection: {e:#}"));
                 }
             });
@@ -142,22 +152,22 @@ fn allowed(stream: &UnixStream, group: Option<nix::unistd::Gid>) -> bool {
     cred.uid() == 0 || cred.gid() == group || member
 }
 
-fn serve_peer(stream: UnixStream, live: Shared, peers: Peers) -> Result<()> {
+fn serve_peer(stream: UnixStream, live: Shared) -> Result<()> {
     let guid = zbus::Guid::generate();
     let conn = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
         .server(guid)?
         .p2p()
-        .serve_at(PATH, Container { live, peers: peers.clone() })?
+        .serve_at(PATH, Container { live })?
         .build()?;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    peers.lock().expect("peers lock").push((id, conn.clone()));
+    PEERS.lock().expect("peers lock").push((id, conn.clone()));
     // Wait for the client to go away, then forget it.
     for message in zbus::blocking::MessageIterator::from(&conn) {
         if message.is_err() {
             break;
         }
     }
-    peers.lock().expect("peers lock").retain(|(i, _)| *i != id);
+    PEERS.lock().expect("peers lock").retain(|(i, _)| *i != id);
     Ok(())
 }

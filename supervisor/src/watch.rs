@@ -71,14 +71,19 @@ pub fn follow(live: &Shared) {
 }
 
 /// Reselects after events; false once the container is no longer running.
+/// Clients of the control socket hear of what changed, as after a change they asked for.
 fn settle(live: &Shared, added: bool, removed: bool) -> bool {
     let mut live = live.lock().expect("live state lock");
+    let before = live.devices.clone();
     for (happened, action) in [(removed, "remove"), (added, "add")] {
         if happened {
             if let Err(e) = live.hotplug(action) {
                 log::warn(&format!("hotplug {action}: {e:#}"));
             }
         }
+    }
+    if live.devices != before {
+        crate::control::announce(&live.status());
     }
     live.state == "running"
 }

@@ -229,6 +229,33 @@ fn two_hundred_cycles_and_concurrent_requests_leak_nothing() {
 }
 
 #[test]
+fn connected_clients_hear_of_changes() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start("live-signal");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let client = gpubox_control::Client::connect("live-signal").unwrap();
+        client.status().unwrap();
+        tx.send(None).unwrap();
+        for status in client.changes() {
+            if tx.send(Some(status)).is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), None, "connected");
+    std::thread::sleep(Duration::from_millis(100)); // the supervisor has registered the client
+    assert_eq!(c.ctl(&["attach", "live-signal", "cdi:example.com/gpu=b"]).0, 0);
+    let changed = rx.recv_timeout(Duration::from_secs(10)).expect("a Changed signal").unwrap();
+    assert!(changed.devices.iter().any(|d| d.name == "cdi:example.com/gpu=b"), "{changed:?}");
+    assert_eq!(c.ctl(&["detach", "live-signal", "cdi:example.com/gpu=b"]).0, 0);
+    let changed = rx.recv_timeout(Duration::from_secs(10)).expect("a Changed signal").unwrap();
+    assert!(!changed.devices.iter().any(|d| d.name == "cdi:example.com/gpu=b"), "{changed:?}");
+}
+
+#[test]
 fn a_client_that_is_not_root_is_refused() {
     if !privileged() {
         return;
