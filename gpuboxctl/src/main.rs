@@ -35,7 +35,8 @@ enum Command {
     Detach { name: String, selector: String },
     /// Prints a shell completion script: gpuboxctl completions bash > /etc/bash_completion.d/gpuboxctl
     Completions { shell: clap_complete::Shell },
-    /// For the udev rules: tells every running container that a device came or went.
+    /// Tells every running container that a device came or went (as udev does by itself
+    /// through the rules' tag): for scripts and hosts without gpubox's udev rules.
     Hotplug {
         #[arg(value_parser = ["add", "remove", "change", "bind", "unbind"])]
         action: String,
