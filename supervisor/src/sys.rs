@@ -60,14 +60,25 @@ pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
 /// mount(MS_REMOUNT) cannot do.
 pub fn mount_setattr_recursive(path: &std::path::Path, set: u64) -> io::Result<()> {
     let c = cpath(path)?;
+    mount_setattr(libc::AT_FDCWD, &c, libc::AT_RECURSIVE as libc::c_uint, set)
+}
+
+/// Sets mount attributes on a detached tree (from `open_tree`), recursively.
+pub fn mount_setattr_fd(tree: &std::os::fd::OwnedFd, set: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    mount_setattr(tree.as_raw_fd(), c"", (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint, set)
+}
+
+fn mount_setattr(dirfd: RawFd, path: &std::ffi::CStr, flags: libc::c_uint, set: u64) -> io::Result<()> {
     let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
-    // SAFETY: c is a valid NUL-terminated path, attr a valid mount_attr of the size passed.
+    // SAFETY: path is NUL-terminated (with AT_EMPTY_PATH, dirfd is an open mount fd it names);
+    // attr is a valid mount_attr of the size passed.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_RECURSIVE as libc::c_uint,
+            dirfd,
+            path.as_ptr(),
+            flags,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
@@ -131,29 +142,6 @@ pub fn open_tree_clone_recursive(path: &std::path::Path) -> io::Result<std::os::
     }
     // SAFETY: fd is a new descriptor the kernel just returned, owned by nobody else.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
-}
-
-/// Sets mount attributes on a detached tree (from `open_tree`), recursively.
-pub fn mount_setattr_fd(tree: &std::os::fd::OwnedFd, set: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
-    // SAFETY: tree is an open mount fd named by the empty path with AT_EMPTY_PATH; attr is a
-    // valid mount_attr of the size passed.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 /// Attaches a detached mount (from [`open_tree_clone`]) at `target` in the current namespace.
