@@ -9,7 +9,7 @@ mod drm;
 mod nvidia;
 pub mod select;
 
-pub use select::{select, Selection};
+pub use select::{select, NodeAccess, Selection};
 
 use gpubox_definition::PciAddress;
 use serde::Serialize;

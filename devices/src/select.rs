@@ -3,6 +3,7 @@
 
 use crate::{cdi, Gpu, Inventory, Node};
 use gpubox_definition::Selector;
+use std::path::PathBuf;
 
 /// What a definition gets: device nodes, and for CDI devices their other edits.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -13,6 +14,24 @@ pub struct Selection {
     pub hooks: Vec<cdi::Hook>,
     /// How each selected device is named, for logs and status.
     pub names: Vec<String>,
+    /// Owner and mode inside that a CDI spec gives a node (by its path inside), where it does.
+    pub node_access: Vec<(PathBuf, NodeAccess)>,
+}
+
+/// A CDI device node's `fileMode`, `uid` and `gid`: in the container's terms, `None` where the
+/// spec leaves it to gpubox.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NodeAccess {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Selection {
+    /// What the specs say about the node at `path` inside (nothing for a non-CDI node).
+    pub fn access_of(&self, path: &std::path::Path) -> NodeAccess {
+        self.node_access.iter().rev().find(|(p, _)| p == path).map(|(_, a)| *a).unwrap_or_default()
+    }
 }
 
 /// Resolves every selector; one that matches nothing is an error unless `optional`, and the
@@ -65,6 +84,11 @@ fn add_cdi(selection: &mut Selection, qualified: &str, edits: cdi::ContainerEdit
             }
         };
         selection.nodes.push(node);
+        if n.file_mode.is_some() || n.uid.is_some() || n.gid.is_some() {
+            // Go's os.FileMode carries the file type above the permission bits.
+            let access = NodeAccess { mode: n.file_mode.map(|m| m & 0o777), uid: n.uid, gid: n.gid };
+            selection.node_access.push((n.path.clone(), access));
+        }
     }
     for m in edits.mounts {
         selection.mounts.retain(|x| x.container_path != m.container_path);

@@ -9,7 +9,7 @@
 //! mounted, whatever way the supervisor ends.
 
 use anyhow::{Context, Result};
-use gpubox_devices::Node;
+use gpubox_devices::{Node, NodeAccess};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use std::path::{Path, PathBuf};
@@ -25,10 +25,13 @@ pub struct Access {
 }
 
 impl Access {
-    pub fn for_node(node: &Node, group: u32) -> Access {
+    /// gpubox's default for `node`, where a CDI spec (`spec`) says nothing else.
+    pub fn for_node(node: &Node, group: u32, spec: NodeAccess) -> Access {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&node.path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o660);
-        Access { uid: 0, gid: group, mode }
+        let mode = spec
+            .mode
+            .unwrap_or_else(|| std::fs::metadata(&node.path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o660));
+        Access { uid: spec.uid.unwrap_or(0), gid: spec.gid.unwrap_or(group), mode }
     }
 }
 

@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use gpubox_control::{Device, Status};
 use gpubox_definition::Selector;
 use gpubox_devices::cdi::Mount;
-use gpubox_devices::{select, Inventory, Node};
+use gpubox_devices::{select, Inventory, Node, Selection};
 use std::path::PathBuf;
 
 pub struct Live {
@@ -69,7 +69,7 @@ impl Live {
         }
         let selection =
             select(&Inventory::discover(), std::slice::from_ref(&selector), false).map_err(anyhow::Error::msg)?;
-        self.attach_device(&name, &selection.nodes, &selection.mounts, how)
+        self.attach_device(&name, &selection, &selection.nodes, how)
     }
 
     /// Detaches what was attached as `selector`; detaching it again changes nothing.
@@ -102,10 +102,14 @@ impl Live {
                 for selector in self.selectors.clone() {
                     let selection =
                         select(&inventory, std::slice::from_ref(&selector), true).map_err(anyhow::Error::msg)?;
-                    let missing: Vec<Node> =
-                        selection.nodes.into_iter().filter(|n| !self.nodes.iter().any(|m| m.path == n.path)).collect();
+                    let missing: Vec<Node> = selection
+                        .nodes
+                        .iter()
+                        .filter(|n| !self.nodes.iter().any(|m| m.path == n.path))
+                        .cloned()
+                        .collect();
                     if !missing.is_empty() {
-                        self.attach_device(&selector.to_string(), &missing, &selection.mounts, "hotplug")?;
+                        self.attach_device(&selector.to_string(), &selection, &missing, "hotplug")?;
                     }
                 }
                 Ok(())
@@ -133,7 +137,9 @@ impl Live {
 
     /// Nodes first (permission, then each node), then the CDI mounts the container does not
     /// have yet; any failure undoes everything done, so the container never sees half a GPU.
-    fn attach_device(&mut self, name: &str, nodes: &[Node], mounts: &[Mount], how: &str) -> Result<()> {
+    /// `nodes` are those of `selection` to attach; its mounts and node access come along.
+    fn attach_device(&mut self, name: &str, selection: &Selection, nodes: &[Node], how: &str) -> Result<()> {
+        let mounts = &selection.mounts;
         let new: Vec<Node> = nodes.iter().filter(|n| !self.nodes.contains(n)).cloned().collect();
         let mut new_mounts: Vec<&Mount> = Vec::new();
         for m in mounts {
@@ -149,7 +155,7 @@ impl Live {
         let (mut done, mut bound) = (Vec::new(), Vec::new());
         let mut failed = None;
         for node in &new {
-            let access = Access::for_node(node, self.device_group);
+            let access = Access::for_node(node, self.device_group, selection.access_of(&node.path));
             match self.helper().and_then(|h| h.attach(node, access)) {
                 Ok(()) => done.push(node.clone()),
                 Err(e) => {

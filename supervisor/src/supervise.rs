@@ -141,7 +141,8 @@ fn run_staged(
     }
     if let Some(staging) = staging {
         for node in &selection.nodes {
-            let source = staging.stage(node, Access::for_node(node, device_group))?;
+            let access = Access::for_node(node, device_group, selection.access_of(&node.path));
+            let source = staging.stage(node, access)?;
             plan.devices.push((source, node.path.clone()));
         }
     }

@@ -514,6 +514,14 @@ devices:
       deviceNodes:
         - path: /dev/standin1
           hostPath: {d}/standin1
+  - name: owned
+    containerEdits:
+      deviceNodes:
+        - path: /dev/standin2
+          hostPath: {d}/standin0
+          fileMode: 416
+          uid: 0
+          gid: 44
 containerEdits:
   env:
     - STANDIN_VISIBLE=yes
@@ -558,6 +566,14 @@ containerEdits:
     let def = definition(d, "cdi-user", &format!("[Container]\nExec=/bin/sh /tmp/test.sh\nBindReadOnly={}:/tmp/test.sh\nUser=65534:65534\n[GPU]\nDevice=cdi:example.com/gpu=first\n", file.display()));
     let r = run_file(&def, &[("GPUBOX_CDI_DIRS", cdi.as_os_str())]);
     assert_eq!((value(&r, "open"), value(&r, "owner")), ("yes", "0:65534:660"), "{}", r.err);
+
+    // The spec's fileMode (0640, as Go writes it: decimal 416), uid and gid, in the container's
+    // terms.
+    let owned = d.join("owned.sh");
+    fs::write(&owned, "echo owner=$(stat -c %u:%g:%a /dev/standin2)").unwrap();
+    let def = definition(d, "cdi-owned", &format!("[Container]\nExec=/bin/sh /tmp/owned.sh\nBindReadOnly={}:/tmp/owned.sh\n[GPU]\nDevice=cdi:example.com/gpu=owned\n", owned.display()));
+    let r = run_file(&def, &[("GPUBOX_CDI_DIRS", cdi.as_os_str())]);
+    assert_eq!(value(&r, "owner"), "0:44:640", "{}", r.err);
 
     // A device that does not exist: the error lists what does.
     let def = definition(d, "cdi2", "[Container]\nExec=/bin/true\n[GPU]\nDevice=cdi:example.com/gpu=third\n");
