@@ -84,11 +84,14 @@ fn add_cdi(selection: &mut Selection, qualified: &str, edits: cdi::ContainerEdit
             }
         };
         selection.nodes.push(node);
-        if n.file_mode.is_some() || n.uid.is_some() || n.gid.is_some() {
-            // Go's os.FileMode carries the file type above the permission bits.
-            let access = NodeAccess { mode: n.file_mode.map(|m| m & 0o777), uid: n.uid, gid: n.gid };
-            selection.node_access.push((n.path.clone(), access));
-        }
+        // Go's os.FileMode carries the file type above the permission bits. Without a
+        // fileMode, CDI takes the host node's mode: the host path's, not the path inside.
+        let host_mode = || {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(&n.host_path).ok().map(|m| m.permissions().mode() & 0o777)
+        };
+        let mode = n.file_mode.map(|m| m & 0o777).or_else(host_mode);
+        selection.node_access.push((n.path.clone(), NodeAccess { mode, uid: n.uid, gid: n.gid }));
     }
     for m in edits.mounts {
         selection.mounts.retain(|x| x.container_path != m.container_path);

@@ -484,10 +484,12 @@ fn cdi_device_passes_through_with_its_edits() {
         nix::sys::stat::mknod(
             &d.join(n),
             nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::Mode::from_bits_truncate(0o660),
             nix::sys::stat::makedev(10, 229),
         )
         .unwrap();
+        // The mode the spec leaves to the host node (mknod applies the umask).
+        fs::set_permissions(d.join(n), std::os::unix::fs::PermissionsExt::from_mode(0o660)).unwrap();
     }
     fs::create_dir_all(d.join("libs")).unwrap();
     fs::write(d.join("libs/libstandin.so.1"), "not really a library").unwrap();
