@@ -113,7 +113,7 @@ impl Drop for MountHelper {
 fn line_safe(path: &Path) -> Result<&str> {
     match path.to_str() {
         Some(p) if !p.contains('\n') => Ok(p),
-        _ => bail!("device path {} cannot be passed to the mount helper", path.display()),
+        _ => bail!("path {} cannot be passed to the mount helper (not UTF-8, or a newline in it)", path.display()),
     }
 }
 
