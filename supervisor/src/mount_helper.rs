@@ -25,7 +25,7 @@ use gpubox_devices::Node;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-use nix::unistd::{chown, setfsgid, setfsuid, Gid, Pid, Uid};
+use nix::unistd::{chown, setfsgid, setfsuid, Gid, Uid};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -118,12 +118,10 @@ fn line_safe(path: &Path) -> Result<&str> {
 }
 
 /// The helper itself (`gpubox-supervisor mount-helper`): serves requests until its stdin
-/// closes or the supervisor dies.
+/// closes, which is also how it learns that the supervisor died (only the supervisor holds the
+/// other end). Not a parent-death signal: that follows the thread that started the helper, and
+/// the supervisor's worker threads come and go.
 pub fn serve(pid: i32, owner: u32, dir: &Path) -> Result<()> {
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-    if nix::unistd::getppid() == Pid::from_raw(1) {
-        bail!("the supervisor is gone");
-    }
     let container = File::open(format!("/proc/{pid}/ns/mnt")).with_context(|| format!("container process {pid}"))?;
     unshare(CloneFlags::CLONE_NEWNS).context("a private mount namespace")?;
     // A slave: host mounts made later (a driver's directory) still show here, for binds.
@@ -205,7 +203,7 @@ impl Helper {
         })?;
         if let Err(e) = sys::move_mount_to(&tree, target) {
             if made {
-                let _ = if is_dir { fs::remove_dir(target) } else { fs::remove_file(target) };
+                let _ = self.remove_inside(target);
             }
             return Err(e)
                 .with_context(|| format!("mounting {} at {} in the container", source.display(), target.display()));
@@ -218,13 +216,13 @@ impl Helper {
 
     fn unbind(&mut self, target: &Path) -> Result<()> {
         setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
-        match umount2(target, MntFlags::MNT_DETACH) {
+        match umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
             Err(e) => return Err(e).with_context(|| format!("unmounting {} in the container", target.display())),
         }
         if let Some(i) = self.made.iter().position(|m| m == target) {
             self.made.remove(i);
-            let _ = fs::remove_dir(target).or_else(|_| fs::remove_file(target));
+            let _ = self.remove_inside(target);
         }
         Ok(())
     }
@@ -258,14 +256,21 @@ impl Helper {
 
     fn detach(&self, path: &Path) -> Result<()> {
         setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
-        match umount2(path, MntFlags::MNT_DETACH) {
+        match umount2(path, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
             Err(e) => return Err(e).with_context(|| format!("unmounting {} in the container", path.display())),
         }
-        let _ = fs::remove_file(path);
+        let _ = self.remove_inside(path);
         setns(&self.own, CloneFlags::CLONE_NEWNS)?;
         let _ = fs::remove_file(self.staging_node(path));
         Ok(())
+    }
+
+    /// Removes a mount point inside, as the container's root: the container controls the
+    /// path (a symlink on the way may lead into a bind of a host directory), so it must not be
+    /// removed with the host root's rights.
+    fn remove_inside(&self, path: &Path) -> Result<()> {
+        self.as_container_root(|| Ok(fs::remove_dir(path).or_else(|_| fs::remove_file(path))?))
     }
 
     fn staging_node(&self, path: &Path) -> PathBuf {

@@ -207,8 +207,10 @@ fn run_staged(
             }
         }
     };
+    // A write to `go` fails only when the child is gone already: its error pipe says why, and
+    // the path below reads it, reaps the child and cleans up.
     let mut go = File::from(go_write);
-    go.write_all(b"1").context("releasing the container")?;
+    let _ = go.write_all(b"1");
     // While the child builds its file system: the device program only has to be in place
     // before the payload runs, and the child waits for the second byte before it execs.
     let devices_filter = match cgroup.as_ref().map(|cg| devcgroup::DeviceFilter::attach(cg, &allowed)).transpose() {
@@ -222,7 +224,7 @@ fn run_staged(
         }
     };
     if !plan.hooks_barrier {
-        go.write_all(b"1").context("releasing the container to exec")?;
+        let _ = go.write_all(b"1");
     }
     // Also while the child works: the control socket, served once the payload runs.
     let socket = SocketFile(gpubox_control::socket_path(&d.name));
@@ -239,7 +241,7 @@ fn run_staged(
             Ok(()) if created == child::CREATED => {
                 hooks_failed = hooks.run(&["createRuntime", "prestart", "createContainer"], pid).err();
                 if hooks_failed.is_none() {
-                    go.write_all(b"1").context("releasing the container after its hooks")?;
+                    let _ = go.write_all(b"1");
                 }
             }
             _ => report = String::from_utf8_lossy(&created).trim_end_matches('\0').to_owned(),

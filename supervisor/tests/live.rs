@@ -109,6 +109,17 @@ impl Container {
         fs::read_to_string(format!("/proc/{}/mountinfo", self.pid)).unwrap().lines().count()
     }
 
+    /// The supervisor's children but the payload: its mount helper. Children are listed per
+    /// thread, and any of the supervisor's threads may have started it.
+    fn helpers(&self) -> Vec<String> {
+        let children: String = fs::read_dir(format!("/proc/{}/task", self.supervisor.id()))
+            .unwrap()
+            .map(|t| fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(" ");
+        children.split_whitespace().filter(|p| p.parse() != Ok(self.pid)).map(str::to_owned).collect()
+    }
+
     fn supervisor_fds(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.supervisor.id())).unwrap().count()
     }
@@ -154,6 +165,11 @@ fn attach_and_detach_by_hand() {
     assert_eq!(c.inside("cat /run/standin-lib/marker"), "from the host", "its CDI mount is there");
     assert!(c.inside("touch /run/standin-lib/x && echo writable").contains("Read-only"), "and read-only");
     assert!(c.ctl(&["status", "live-hand"]).1.contains("mounts: /run/standin-lib"));
+    // The mount helper outlives the thread that started it (blocking's idle threads end after
+    // half a second; a parent-death signal would follow that thread).
+    let helper = c.helpers();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.helpers(), helper, "the same mount helper, still running");
     let (_, devices, _) = c.ctl(&["devices", "--json"]);
     let devices: serde_json::Value = serde_json::from_str(&devices).unwrap();
     let b = devices["cdi"].as_array().unwrap().iter().find(|d| d["name"] == "cdi:example.com/gpu=b").unwrap();
@@ -216,13 +232,7 @@ fn two_hundred_cycles_and_concurrent_requests_leak_nothing() {
     let staging =
         fs::read_dir(format!("/proc/{}/root/run/gpubox/live-loop/devices", c.supervisor.id())).unwrap().count();
     assert_eq!(staging, 1, "only the start device's staging node");
-    // Children are listed per thread, and any of the supervisor's threads may have started it.
-    let children: String = fs::read_dir(format!("/proc/{}/task", c.supervisor.id()))
-        .unwrap()
-        .map(|t| fs::read_to_string(t.unwrap().path().join("children")).unwrap_or_default())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let helpers: Vec<&str> = children.split_whitespace().filter(|p| p.parse() != Ok(c.pid)).collect();
+    let helpers = c.helpers();
     assert_eq!(helpers.len(), 1, "one mount helper: {helpers:?}");
     let helper_staging = fs::read_dir(format!("/proc/{}/root/run/gpubox/live-loop", helpers[0])).unwrap().count();
     assert_eq!(helper_staging, 0, "the mount helper's staging nodes are gone");
