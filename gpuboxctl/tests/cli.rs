@@ -51,6 +51,18 @@ fn devices_says_cleanly_when_nvml_is_absent() {
     assert!(nvml["absent"].as_str().unwrap().contains("NVML unavailable"));
 }
 
+/// Without the NVIDIA kernel driver NVML is not even loaded, and the line says why.
+#[test]
+fn devices_skips_nvml_without_the_driver() {
+    if std::path::Path::new("/sys/module/nvidia").exists() {
+        eprintln!("skipping: this host has the NVIDIA driver");
+        return;
+    }
+    let out = Command::new(CTL).args(["devices"]).env("GPUBOX_CDI_DIRS", "/nonexistent").output().unwrap();
+    let out = String::from_utf8(out.stdout).unwrap();
+    assert!(out.lines().any(|l| l.starts_with("nvml:") && l.contains("no /sys/module/nvidia")), "{out}");
+}
+
 #[test]
 fn bad_usage_exits_2() {
     assert_eq!(ctl(&["frobnicate"], "/nonexistent").0, 2);

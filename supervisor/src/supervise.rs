@@ -342,7 +342,7 @@ impl<'a> Hooks<'a> {
                 h.path.display()
             );
         }
-        let bundle = std::path::Path::new("/run/gpubox").join(&d.name).join("bundle");
+        let bundle = RuntimeDir::path(&d.name).join("bundle");
         Ok(Hooks { name: &d.name, hooks, bundle })
     }
 
@@ -397,7 +397,7 @@ struct RuntimeDir {
 
 impl RuntimeDir {
     fn path(name: &str) -> std::path::PathBuf {
-        std::path::Path::new("/run/gpubox").join(name)
+        std::path::Path::new(gpubox_control::RUN_DIR).join(name)
     }
 
     fn create(name: &str) -> Result<RuntimeDir> {
