@@ -40,8 +40,6 @@ pub struct Live {
     pub device_group: u32,
     pub devices: Vec<Device>,
     pub nodes: Vec<Node>,
-    /// Paths inside where devices' CDI mounts are bound (from the start, or attached since).
-    pub mounts: Vec<PathBuf>,
     /// Whether udev's events are followed (see `watch`).
     pub followed: bool,
     /// The unit's `DeviceAllow=` as last set (see `systemd`).
@@ -143,7 +141,7 @@ impl Live {
         let new: Vec<Node> = nodes.iter().filter(|n| !self.nodes.contains(n)).cloned().collect();
         let mut new_mounts: Vec<&Mount> = Vec::new();
         for m in mounts {
-            if !self.mounts.contains(&m.container_path)
+            if !self.devices.iter().any(|d| d.mounts.contains(&m.container_path))
                 && !new_mounts.iter().any(|n| n.container_path == m.container_path)
             {
                 new_mounts.push(m);
@@ -186,7 +184,6 @@ impl Live {
             return Err(e);
         }
         self.nodes = all;
-        self.mounts.extend(bound.iter().cloned());
         let paths: Vec<PathBuf> = nodes.iter().map(|n| n.path.clone()).collect();
         let mount_paths: Vec<PathBuf> = mounts.iter().map(|m| m.container_path.clone()).collect();
         let device = match self.devices.iter_mut().position(|d| d.name == name) {
@@ -238,14 +235,15 @@ impl Live {
 
     /// Unbinds the CDI mounts of devices that went, unless a device still held has them too.
     fn unbind_mounts_of(&mut self, gone: &[Device]) -> Result<()> {
-        let going: Vec<PathBuf> = gone
+        let mut going: Vec<PathBuf> = gone
             .iter()
             .flat_map(|d| d.mounts.iter().cloned())
-            .filter(|p| self.mounts.contains(p) && !self.devices.iter().any(|d| d.mounts.contains(p)))
+            .filter(|p| !self.devices.iter().any(|d| d.mounts.contains(p)))
             .collect();
+        going.sort();
+        going.dedup();
         for path in going {
             self.helper()?.unbind(&path)?;
-            self.mounts.retain(|p| *p != path);
         }
         Ok(())
     }

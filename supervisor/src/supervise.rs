@@ -281,7 +281,6 @@ fn run_staged(
         base_allowed,
         unit: unit.clone(),
         device_group,
-        mounts: start_devices.iter().flat_map(|d| d.mounts.iter().cloned()).collect(),
         devices: start_devices,
         nodes: selection.nodes.clone(),
         followed: false,
