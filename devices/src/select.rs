@@ -18,19 +18,21 @@ pub struct Selection {
     pub node_access: Vec<(PathBuf, NodeAccess)>,
 }
 
-/// A CDI device node's `fileMode`, `uid` and `gid`: in the container's terms, `None` where the
-/// spec leaves it to gpubox.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// A CDI device node's `fileMode`, `uid` and `gid`, in the container's terms (`None` where the
+/// spec leaves it to gpubox), and its `hostPath`, whose mode the node takes without a
+/// `fileMode`.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeAccess {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    pub host_path: Option<PathBuf>,
 }
 
 impl Selection {
     /// What the specs say about the node at `path` inside (nothing for a non-CDI node).
     pub fn access_of(&self, path: &std::path::Path) -> NodeAccess {
-        self.node_access.iter().rev().find(|(p, _)| p == path).map(|(_, a)| *a).unwrap_or_default()
+        self.node_access.iter().rev().find(|(p, _)| p == path).map(|(_, a)| a.clone()).unwrap_or_default()
     }
 }
 
@@ -86,12 +88,13 @@ fn add_cdi(selection: &mut Selection, qualified: &str, edits: cdi::ContainerEdit
         selection.nodes.push(node);
         // Go's os.FileMode carries the file type above the permission bits. Without a
         // fileMode, CDI takes the host node's mode: the host path's, not the path inside.
-        let host_mode = || {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(&n.host_path).ok().map(|m| m.permissions().mode() & 0o777)
+        let access = NodeAccess {
+            mode: n.file_mode.map(|m| m & 0o777),
+            uid: n.uid,
+            gid: n.gid,
+            host_path: Some(n.host_path.clone()),
         };
-        let mode = n.file_mode.map(|m| m & 0o777).or_else(host_mode);
-        selection.node_access.push((n.path.clone(), NodeAccess { mode, uid: n.uid, gid: n.gid }));
+        selection.node_access.push((n.path.clone(), access));
     }
     for m in edits.mounts {
         selection.mounts.retain(|x| x.container_path != m.container_path);

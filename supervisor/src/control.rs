@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use gpubox_control::{socket_path, INTERFACE, PATH};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 pub type Shared = Arc<Mutex<Live>>;
 
@@ -22,18 +22,30 @@ struct Container {
 static PEERS: Mutex<Vec<(u64, zbus::blocking::Connection)>> = Mutex::new(Vec::new());
 
 /// Tells every connected client that the container changed (`Changed`, with its status), off
-/// the caller's thread: a slow client must not hold up a change.
+/// the caller's thread: a slow client must not hold up a change. One sender thread, started
+/// with the first announcement, so clients hear of changes in the order they happened; callers
+/// announce while they hold the live state's lock.
 pub fn announce(status: &gpubox_control::Status) {
-    let Ok(json) = serde_json::to_string(status) else { return };
-    let peers = PEERS.lock().expect("peers lock").clone();
-    if peers.is_empty() {
+    static SENDER: OnceLock<Option<mpsc::Sender<String>>> = OnceLock::new();
+    if PEERS.lock().expect("peers lock").is_empty() {
         return;
     }
-    std::thread::spawn(move || {
-        for (_, peer) in peers {
-            let _ = peer.emit_signal(None::<&str>, PATH, INTERFACE, "Changed", &(json.as_str(),));
-        }
+    let Ok(json) = serde_json::to_string(status) else { return };
+    let sender = SENDER.get_or_init(|| {
+        let (sender, changes) = mpsc::channel::<String>();
+        let spawned = std::thread::Builder::new().name("announce".into()).spawn(move || {
+            for json in changes {
+                let peers = PEERS.lock().expect("peers lock").clone();
+                for (_, peer) in peers {
+                    let _ = peer.emit_signal(None::<&str>, PATH, INTERFACE, "Changed", &(json.as_str(),));
+                }
+            }
+        });
+        spawned.ok().map(|_| sender)
     });
+    if let Some(sender) = sender {
+        let _ = sender.send(json);
+    }
 }
 
 fn fail(e: anyhow::Error) -> zbus::fdo::Error {
@@ -45,16 +57,18 @@ impl Container {
     /// every connected client if anything changed.
     async fn change(&self, change: impl FnOnce(&mut Live) -> Result<()> + Send + 'static) -> zbus::fdo::Result<String> {
         let live = self.live.clone();
-        let (status, changed) = blocking::unblock(move || {
+        let status = blocking::unblock(move || {
             let mut live = live.lock().expect("live state lock");
             let before = live.status();
-            change(&mut live).map(|_| (live.status(), live.status() != before))
+            change(&mut live)?;
+            let status = live.status();
+            if status != before {
+                announce(&status);
+            }
+            Ok::<_, anyhow::Error>(status)
         })
         .await
         .map_err(fail)?;
-        if changed {
-            announce(&status);
-        }
         serde_json::to_string(&status).map_err(|e| fail(e.into()))
     }
 }
@@ -78,9 +92,17 @@ impl Container {
     }
 
     /// `devnode` is for the log; the supervisor rediscovers rather than trusting one event.
+    /// Like udev's own events, anything but a removal also brings host node modes over.
     async fn hotplug(&self, action: String, devnode: String) -> zbus::fdo::Result<String> {
         let _ = devnode;
-        self.change(move |live| live.hotplug(&action)).await
+        self.change(move |live| {
+            live.hotplug(&action)?;
+            if !matches!(action.as_str(), "remove" | "unbind") {
+                live.follow_host_modes();
+            }
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -26,13 +26,22 @@ pub struct Access {
 
 impl Access {
     /// gpubox's default for `node`, where a CDI spec (`spec`) says nothing else.
-    pub fn for_node(node: &Node, group: u32, spec: NodeAccess) -> Access {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = spec
-            .mode
-            .unwrap_or_else(|| std::fs::metadata(&node.path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o660));
+    pub fn for_node(node: &Node, group: u32, spec: &NodeAccess) -> Access {
+        let mode = spec.mode.unwrap_or_else(|| host_mode(node, spec).unwrap_or(0o660));
         Access { uid: spec.uid.unwrap_or(0), gid: spec.gid.unwrap_or(group), mode }
     }
+}
+
+/// The mode of the host node that `node` takes its mode from, if it does: its own path's, a CDI
+/// node's `hostPath`'s; `None` for a node with a fixed mode (CDI `fileMode`) or where the host
+/// node is gone.
+pub fn host_mode(node: &Node, spec: &NodeAccess) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    if spec.mode.is_some() {
+        return None;
+    }
+    let host = spec.host_path.as_deref().unwrap_or(&node.path);
+    std::fs::metadata(host).ok().map(|m| m.permissions().mode() & 0o777)
 }
 
 /// The group a container's devices belong to: `User=`'s group, looked up in the container's
@@ -73,6 +82,13 @@ impl Staging {
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
             created.push(dir.clone());
         }
+        let staging = Staging { dir, host_base, created };
+        staging.mount(run).inspect_err(|_| staging.remove())?;
+        Ok(staging)
+    }
+
+    fn mount(&self, run: &Path) -> Result<()> {
+        let dir = &self.dir;
         // The container's root (an unprivileged host id) binds its nodes from here: it must be
         // able to walk to them, though not to list or open anything else (the control socket is
         // 0600).
@@ -82,9 +98,9 @@ impl Staging {
             .context("a private mount namespace for the supervisor")?;
         mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
             .context("making the supervisor's mounts private")?;
-        mount(Some("gpubox-devices"), &dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755"))
+        mount(Some("gpubox-devices"), dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755"))
             .with_context(|| format!("mounting the device staging tmpfs on {}", dir.display()))?;
-        Ok(Staging { dir, host_base, created })
+        Ok(())
     }
 
     /// Makes the staging node for `node`, owned as `access` says in the container's terms;
@@ -111,13 +127,23 @@ impl Staging {
         Ok(source)
     }
 
+    /// Changes the mode of the staging node for the node at `path`, if this staged it.
+    pub fn set_mode(&self, path: &Path, mode: u32) -> bool {
+        let source = self.dir.join(Self::name_for(path));
+        source.exists() && std::fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(mode)).is_ok()
+    }
+
     /// Removes a node's staging node once it is detached.
     pub fn unstage(&self, node: &Node) {
         let _ = std::fs::remove_file(self.dir.join(Self::file_name(node)));
     }
 
     fn file_name(node: &Node) -> String {
-        node.path.to_string_lossy().trim_start_matches('/').replace('/', "-")
+        Self::name_for(&node.path)
+    }
+
+    fn name_for(path: &Path) -> String {
+        path.to_string_lossy().trim_start_matches('/').replace('/', "-")
     }
 
     /// Removes the directories we made on the host (the tmpfs goes with our namespace).

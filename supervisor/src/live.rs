@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use gpubox_control::{Device, Status};
 use gpubox_definition::Selector;
 use gpubox_devices::cdi::Mount;
-use gpubox_devices::{select, Inventory, Node, Selection};
+use gpubox_devices::{select, Inventory, Node, NodeAccess, Selection};
 use std::path::PathBuf;
 
 pub struct Live {
@@ -44,6 +44,9 @@ pub struct Live {
     pub followed: bool,
     /// The unit's `DeviceAllow=` as last set (see `systemd`).
     pub allowed_by_systemd: Vec<String>,
+    /// Nodes whose mode follows a host node's (see `devices::host_mode`), with what the spec
+    /// says of them and the mode they have inside now.
+    pub host_modes: Vec<(Node, NodeAccess, u32)>,
 }
 
 impl Live {
@@ -74,16 +77,24 @@ impl Live {
     pub fn detach(&mut self, selector: &str) -> Result<()> {
         self.check_running()?;
         let name = selector.parse::<Selector>().map_err(anyhow::Error::msg)?.to_string();
-        let Some(index) = self.devices.iter().position(|d| d.name == name) else { return Ok(()) };
-        let device = self.devices.remove(index);
+        let Some(device) = self.devices.iter().find(|d| d.name == name) else { return Ok(()) };
+        let others = || self.devices.iter().filter(|d| d.name != name);
         let going: Vec<Node> = self
             .nodes
             .iter()
-            .filter(|n| device.nodes.contains(&n.path) && !self.devices.iter().any(|d| d.nodes.contains(&n.path)))
+            .filter(|n| device.nodes.contains(&n.path) && !others().any(|d| d.nodes.contains(&n.path)))
             .cloned()
             .collect();
+        // The device stays on record until its nodes are out (a device with no nodes left has
+        // gone with them, mounts and all).
         self.detach_nodes(&going)?;
-        self.unbind_mounts_of(&[device])
+        match self.devices.iter().position(|d| d.name == name) {
+            Some(index) => {
+                let device = self.devices.remove(index);
+                self.unbind_mounts_of(&[device])
+            }
+            None => Ok(()),
+        }
     }
 
     /// A udev event. Add (with `Hotplug=yes` only): attach what the definition's selectors
@@ -126,6 +137,32 @@ impl Live {
         }
     }
 
+    /// Starts the mount helper ahead of the first change, which then need not wait for it.
+    pub fn prepare(&mut self) -> Result<()> {
+        if self.state != "running" {
+            return Ok(());
+        }
+        self.helper().map(drop)
+    }
+
+    /// Gives the container's nodes the mode their host nodes have now. A hotplugged node is
+    /// attached as soon as the kernel makes it, when it still has devtmpfs's 0600 (container
+    /// root can open it); udev sets its mode a little later, and the container's node follows,
+    /// as a non-root user on the host waits for udev too.
+    pub fn follow_host_modes(&mut self) {
+        for i in 0..self.host_modes.len() {
+            let (node, spec, mode) = &self.host_modes[i];
+            let Some(host) = crate::devices::host_mode(node, spec).filter(|m| m != mode) else { continue };
+            let path = node.path.clone();
+            let staged_at_start = self.staging.as_ref().is_some_and(|s| s.set_mode(&path, host));
+            let result = if staged_at_start { Ok(()) } else { self.helper().and_then(|h| h.set_mode(&path, host)) };
+            match result {
+                Ok(()) => self.host_modes[i].2 = host,
+                Err(e) => log::warn(&format!("giving {} the mode {host:o}: {e:#}", path.display())),
+            }
+        }
+    }
+
     fn check_running(&self) -> Result<()> {
         if self.state != "running" {
             bail!("container {} is {}", self.name, self.state);
@@ -152,10 +189,17 @@ impl Live {
         self.grant(&all)?;
         let (mut done, mut bound) = (Vec::new(), Vec::new());
         let mut failed = None;
+        let mut modes = Vec::new();
         for node in &new {
-            let access = Access::for_node(node, self.device_group, selection.access_of(&node.path));
+            let spec = selection.access_of(&node.path);
+            let access = Access::for_node(node, self.device_group, &spec);
             match self.helper().and_then(|h| h.attach(node, access)) {
-                Ok(()) => done.push(node.clone()),
+                Ok(()) => {
+                    done.push(node.clone());
+                    if spec.mode.is_none() {
+                        modes.push((node.clone(), spec, access.mode));
+                    }
+                }
                 Err(e) => {
                     failed = Some(e.context(format!("attaching {}", node.path.display())));
                     break;
@@ -184,6 +228,7 @@ impl Live {
             return Err(e);
         }
         self.nodes = all;
+        self.host_modes.extend(modes);
         let paths: Vec<PathBuf> = nodes.iter().map(|n| n.path.clone()).collect();
         let mount_paths: Vec<PathBuf> = mounts.iter().map(|m| m.container_path.clone()).collect();
         let device = match self.devices.iter_mut().position(|d| d.name == name) {
@@ -212,25 +257,44 @@ impl Live {
         Ok(())
     }
 
+    /// Permission first, then each node out of the container. A node that will not go stays
+    /// attached, its permission given back, so that the records say what the container has.
     fn detach_nodes(&mut self, going: &[Node]) -> Result<()> {
         if going.is_empty() {
             return Ok(());
         }
         let remaining: Vec<Node> = self.nodes.iter().filter(|n| !going.contains(n)).cloned().collect();
         self.grant(&remaining)?;
-        self.nodes = remaining;
+        let (mut gone, mut failed) = (Vec::new(), None);
         for node in going {
             self.warn_holders(node);
-            self.eject(node)?;
+            match self.eject(node) {
+                Ok(()) => gone.push(node.clone()),
+                Err(e) => {
+                    failed = Some(e.context(format!("detaching {}", node.path.display())));
+                    break;
+                }
+            }
         }
+        self.nodes.retain(|n| !gone.contains(n));
+        if failed.is_some() {
+            let still = self.nodes.clone();
+            let _ = self.grant(&still);
+        }
+        self.host_modes.retain(|(n, ..)| !gone.contains(n));
         for d in &mut self.devices {
-            d.nodes.retain(|p| !going.iter().any(|n| &n.path == p));
+            d.nodes.retain(|p| !gone.iter().any(|n| &n.path == p));
         }
         let (left, kept): (Vec<Device>, Vec<Device>) = self.devices.drain(..).partition(|d| d.nodes.is_empty());
         self.devices = kept;
-        self.unbind_mounts_of(&left)?;
-        log::info(&format!("detached {}", describe(going)));
-        Ok(())
+        if !gone.is_empty() {
+            log::info(&format!("detached {}", describe(&gone)));
+        }
+        let unbound = self.unbind_mounts_of(&left);
+        match failed {
+            Some(e) => Err(e),
+            None => unbound,
+        }
     }
 
     /// Unbinds the CDI mounts of devices that went, unless a device still held has them too.

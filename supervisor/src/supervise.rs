@@ -139,11 +139,16 @@ fn run_staged(
             return Err(e);
         }
     }
+    let mut host_modes = Vec::new();
     if let Some(staging) = staging {
         for node in &selection.nodes {
-            let access = Access::for_node(node, device_group, selection.access_of(&node.path));
+            let spec = selection.access_of(&node.path);
+            let access = Access::for_node(node, device_group, &spec);
             let source = staging.stage(node, access)?;
             plan.devices.push((source, node.path.clone()));
+            if spec.mode.is_none() {
+                host_modes.push((node.clone(), spec, access.mode));
+            }
         }
     }
     if !selection.names.is_empty() {
@@ -285,6 +290,7 @@ fn run_staged(
         nodes: selection.nodes.clone(),
         followed: false,
         allowed_by_systemd,
+        host_modes,
     }));
     // Containers with devices follow udev's events; one without gets there at its first attach.
     if !d.gpu.devices.is_empty() {

@@ -1,22 +1,37 @@
-//! Hotplug. gpubox's udev rules tag GPU devices `gpubox`; every supervisor whose container
-//! has devices listens on udev's monitor for events on that tag, the way logind follows the
-//! devices tagged `seat`. So a GPU that comes or goes reaches each running container straight
-//! from udev, once udev has finished with it, with no process started per event. (`gpuboxctl
-//! hotplug` does the same by hand, over the control socket.)
+//! Hotplug. Every supervisor whose container has devices follows two sources of device events,
+//! as LXD does for its hotplugged devices:
+//! - the kernel's own uevents, the moment a GPU's node is made or removed: a container gets a
+//!   new GPU without waiting for udev, whose queue (rules for the driver's module and the
+//!   parent device, which come first) was most of a hotplug's latency;
+//! - udev's events for devices gpubox's rules tag `gpubox`, once udev has finished with them:
+//!   udev sets the host node's mode after the kernel made it, and the container's node follows
+//!   that mode (see `Live::follow_host_modes`); an event the kernel's stream lost (a full
+//!   socket buffer) is caught here too.
 //!
-//! The monitor is open before the first look at the devices, so nothing that happens after
-//! that look is missed, and each change is a reselection (see `Live::hotplug`), so nothing is
-//! attached twice.
+//! Either source leads to a reselection (see `Live::hotplug`), so a GPU is never attached
+//! twice, whichever event comes first. No process is started per event. The monitors are open
+//! before the first look at the devices, so nothing that happens after that look is missed.
+//! (`gpuboxctl hotplug` does the same by hand, over the control socket.)
 
 use crate::control::Shared;
 use crate::log;
 use std::os::fd::AsFd;
+use udev::EventType;
 
 /// The tag gpubox's udev rules give the devices it follows.
 pub const TAG: &str = "gpubox";
 
-/// Starts following udev's events for this container, once; a container that is not
-/// followed yet has no devices and no selectors.
+/// What a burst of events calls for.
+#[derive(Default)]
+struct Due {
+    added: bool,
+    removed: bool,
+    /// udev has (re)configured a device: host node modes may have changed.
+    configured: bool,
+}
+
+/// Starts following device events for this container, once; a container that is not followed
+/// yet has no devices and no selectors.
 pub fn follow(live: &Shared) {
     {
         let mut l = live.lock().expect("live state lock");
@@ -28,21 +43,37 @@ pub fn follow(live: &Shared) {
     let live = live.clone();
     let spawned = std::thread::Builder::new().name("hotplug".into()).spawn(move || {
         // libudev's objects stay on the thread that made them.
-        let monitor = match udev::MonitorBuilder::new().and_then(|b| b.match_tag(TAG)).and_then(|b| b.listen()) {
+        let udev = match udev::MonitorBuilder::new().and_then(|b| b.match_tag(TAG)).and_then(|b| b.listen()) {
             Ok(m) => m,
             Err(e) => {
                 log::warn(&format!("no hotplug: cannot listen to udev: {e}"));
                 return;
             }
         };
-        // What changed between the container's start and the monitor being open.
-        settle(&live, true, true);
+        let kernel = udev::MonitorBuilder::new_kernel()
+            .and_then(|b| b.match_subsystem("drm"))
+            .and_then(|b| b.match_subsystem("pci"))
+            .and_then(|b| b.listen())
+            .map_err(|e| log::warn(&format!("hotplug waits for udev: cannot listen to the kernel's uevents: {e}")))
+            .ok();
+        {
+            // The mount helper now rather than at the first event, which should not wait for it.
+            let mut l = live.lock().expect("live state lock");
+            if let Err(e) = l.prepare() {
+                log::warn(&format!("{e:#}"));
+            }
+        }
+        // What changed between the container's start and the monitors being open.
+        settle(&live, Due { added: true, removed: true, configured: true });
         // Connected now, so that no event waits for it.
         if live.lock().expect("live state lock").unit.is_some() {
             let _ = crate::systemd::bus();
         }
         loop {
-            let mut fds = [nix::poll::PollFd::new(monitor.as_fd(), nix::poll::PollFlags::POLLIN)];
+            let mut fds = vec![nix::poll::PollFd::new(udev.as_fd(), nix::poll::PollFlags::POLLIN)];
+            if let Some(k) = &kernel {
+                fds.push(nix::poll::PollFd::new(k.as_fd(), nix::poll::PollFlags::POLLIN));
+            }
             match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => {
@@ -52,15 +83,25 @@ pub fn follow(live: &Shared) {
             }
             // A GPU comes as a burst of events (card, render node, changes): one reselection
             // answers all that have arrived.
-            let (mut added, mut removed) = (false, false);
-            for event in monitor.iter() {
+            let mut due = Due::default();
+            for event in kernel.iter().flat_map(|k| k.iter()) {
+                if gpu_event(&event) {
+                    match event.event_type() {
+                        EventType::Remove | EventType::Unbind => due.removed = true,
+                        EventType::Add | EventType::Bind => due.added = true,
+                        _ => {}
+                    }
+                }
+            }
+            for event in udev.iter() {
                 match event.event_type() {
-                    udev::EventType::Remove | udev::EventType::Unbind => removed = true,
-                    udev::EventType::Add | udev::EventType::Change | udev::EventType::Bind => added = true,
+                    EventType::Remove | EventType::Unbind => due.removed = true,
+                    EventType::Add | EventType::Bind => (due.added, due.configured) = (true, true),
+                    EventType::Change => due.configured = true,
                     _ => {}
                 }
             }
-            if !settle(&live, added, removed) {
+            if !settle(&live, due) {
                 return;
             }
         }
@@ -70,17 +111,33 @@ pub fn follow(live: &Shared) {
     }
 }
 
+/// The kernel's events that gpubox's udev rules would tag: a DRM card or render node (not a
+/// connector, which has no node), or the nvidia driver binding to a PCI device or leaving it.
+fn gpu_event(event: &udev::Event) -> bool {
+    match event.subsystem().and_then(|s| s.to_str()) {
+        Some("drm") => {
+            let name = event.sysname().to_string_lossy();
+            event.property_value("DEVNAME").is_some() && (name.starts_with("card") || name.starts_with("renderD"))
+        }
+        Some("pci") => event.property_value("DRIVER").is_some_and(|d| d == "nvidia"),
+        _ => false,
+    }
+}
+
 /// Reselects after events; false once the container is no longer running.
 /// Clients of the control socket hear of what changed, as after a change they asked for.
-fn settle(live: &Shared, added: bool, removed: bool) -> bool {
+fn settle(live: &Shared, due: Due) -> bool {
     let mut live = live.lock().expect("live state lock");
     let before = live.devices.clone();
-    for (happened, action) in [(removed, "remove"), (added, "add")] {
+    for (happened, action) in [(due.removed, "remove"), (due.added, "add")] {
         if happened {
             if let Err(e) = live.hotplug(action) {
                 log::warn(&format!("hotplug {action}: {e:#}"));
             }
         }
+    }
+    if due.configured {
+        live.follow_host_modes();
     }
     if live.devices != before {
         crate::control::announce(&live.status());

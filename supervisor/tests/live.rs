@@ -263,6 +263,31 @@ fn connected_clients_hear_of_changes() {
     assert_eq!(c.ctl(&["detach", "live-signal", "cdi:example.com/gpu=b"]).0, 0);
     let changed = rx.recv_timeout(Duration::from_secs(10)).expect("a Changed signal").unwrap();
     assert!(!changed.devices.iter().any(|d| d.name == "cdi:example.com/gpu=b"), "{changed:?}");
+
+    // Changes from two clients at once: the signals come in the order of the changes, so the
+    // last one a client hears is the container's state.
+    let workers: Vec<_> = ["cdi:example.com/gpu=b", "cdi:example.com/gpu=all"]
+        .into_iter()
+        .map(|selector| {
+            std::thread::spawn(move || {
+                let client = gpubox_control::Client::connect("live-signal").unwrap();
+                for _ in 0..15 {
+                    client.attach(selector).unwrap();
+                    client.detach(selector).unwrap();
+                }
+                client.attach(selector).unwrap();
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let now = gpubox_control::Client::connect("live-signal").unwrap().status().unwrap();
+    let mut last = None;
+    while let Ok(status) = rx.recv_timeout(Duration::from_millis(500)) {
+        last = status;
+    }
+    assert_eq!(last.as_ref().map(|s| &s.devices), Some(&now.devices), "the last Changed is the state now");
 }
 
 #[test]
@@ -310,4 +335,32 @@ fn hotplug_follows_the_host() {
     assert_eq!(c.ctl(&["hotplug", "remove", "/dev/dri/standin1"]).0, 0);
     assert_eq!(c.inside(OPEN), "absent");
     assert!(c.inside("(exec 3<> /dev/standin0) && echo ok").starts_with("ok"), "the other one stays");
+}
+
+/// A node takes its host node's mode (for a CDI node without `fileMode`, its `hostPath`'s), and
+/// keeps following it: udev sets a hotplugged node's mode after the kernel made it, and
+/// gpubox attaches on the kernel's event. Both kinds of node: one staged at the start, one
+/// attached by hand (through the mount helper).
+#[test]
+fn nodes_follow_their_host_nodes_mode() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start("live-modes");
+    assert_eq!(c.ctl(&["attach", "live-modes", "cdi:example.com/gpu=b"]).0, 0);
+    let mode_inside = |path: &str| c.inside(&format!("stat -c %a {path}")).trim().to_owned();
+    assert_eq!(mode_inside("/dev/standin0"), "600");
+    assert_eq!(mode_inside("/dev/dri/standin1"), "600");
+    let chmod = |name: &str, mode: u32| {
+        fs::set_permissions(c.dir.path().join(name), std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+    };
+    chmod("s0", 0o640);
+    chmod("s1", 0o606);
+    assert_eq!(c.ctl(&["hotplug", "change", "/dev/whatever"]).0, 0);
+    assert_eq!(mode_inside("/dev/standin0"), "640");
+    assert_eq!(mode_inside("/dev/dri/standin1"), "606");
+    // A removal changes no mode.
+    chmod("s0", 0o600);
+    assert_eq!(c.ctl(&["hotplug", "remove", "/dev/whatever"]).0, 0);
+    assert_eq!(mode_inside("/dev/standin0"), "640");
 }

@@ -37,6 +37,11 @@ def make_share(path, tree, mode, scenario=None, timeout=120):
     (path / "req").mkdir()
     shutil.copytree(tree, path / "root", symlinks=True)
     shutil.copy(HERE / "lib.sh", path / "lib.sh")
+    # Small measuring tools for scenarios (./tools/NAME in the guest); host and guest are both
+    # Debian 12, so what the host's compiler makes runs there.
+    (path / "tools").mkdir()
+    for source in sorted((HERE / "tools").glob("*.c")):
+        subprocess.run(["cc", "-O2", "-Wall", "-o", str(path / "tools" / source.stem), str(source)], check=True)
     if scenario:
         shutil.copy(scenario, path / "scenario")
     (path / "mode").write_text(mode + "\n")
