@@ -13,11 +13,15 @@ use gpubox_control::{Device, Status};
 use gpubox_definition::Selector;
 use gpubox_devices::cdi::Mount;
 use gpubox_devices::{select, Inventory, Node, NodeAccess, Selection};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 pub struct Live {
     pub name: String,
     pub pid: i32,
+    /// The container's mount namespace, opened while the payload was surely the supervisor's
+    /// child (a pid can be reused once it is reaped); the mount helper enters it.
+    pub mount_ns: Option<std::os::fd::OwnedFd>,
     pub state: &'static str,
     pub hotplug: bool,
     /// The definition's selectors, which hotplug events are matched against.
@@ -323,7 +327,8 @@ impl Live {
     /// The running mount helper, started (again) when there is none.
     fn helper(&mut self) -> Result<&mut MountHelper> {
         if !self.helper.as_mut().is_some_and(MountHelper::alive) {
-            self.helper = Some(MountHelper::start(self.pid, self.owner, &self.run_dir)?);
+            let Some(ns) = &self.mount_ns else { bail!("the container's mount namespace could not be opened") };
+            self.helper = Some(MountHelper::start(ns.as_fd(), self.owner, &self.run_dir)?);
         }
         Ok(self.helper.as_mut().expect("started above"))
     }

@@ -37,9 +37,7 @@ fn main() -> ExitCode {
         ["run", "--definition", file] => Target::File(PathBuf::from(file)),
         ["run", name] if !name.starts_with('-') => Target::Name(name.to_owned()),
         // The supervisor's own helpers (see mount_helper.rs, systemd.rs); not for people.
-        ["mount-helper", pid, owner, dir] => {
-            return helper(|| mount_helper::serve(pid.parse()?, owner.parse()?, dir.as_ref()))
-        }
+        ["mount-helper", owner, dir] => return helper(|| mount_helper::serve(owner.parse()?, dir.as_ref())),
         ["device-allow", unit, ref entries @ ..] => {
             let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
             return helper(|| systemd::set_device_allow(unit, &entries));

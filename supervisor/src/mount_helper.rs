@@ -2,8 +2,8 @@
 //!
 //! A mount namespace can only be entered by a single-threaded process, and the supervisor
 //! runs threads once the control socket is up, so one helper process per container does it:
-//! `gpubox-supervisor mount-helper PID OWNER DIR`, started at the first change and kept for the
-//! container's life — one exec per container, not one per event. It has a private mount
+//! `gpubox-supervisor mount-helper OWNER DIR`, with the container's mount namespace on fd 3,
+//! started at the first change and kept for the container's life — one exec per container, not one per event. It has a private mount
 //! namespace of its own with a tmpfs on `DIR` for staging nodes, and moves between that and the
 //! container's namespace: `mknod` the staging node with the container's owner and mode, take a
 //! detached copy of it (`open_tree`), enter the container's namespace and attach the copy at
@@ -29,8 +29,13 @@ use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{chown, setfsgid, setfsuid, Gid, Uid};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+/// The descriptor on which the helper gets the container's mount namespace.
+const HELPER_NS_FD: i32 = 3;
 
 /// The supervisor's end: one running helper for one container.
 pub struct MountHelper {
@@ -40,18 +45,27 @@ pub struct MountHelper {
 }
 
 impl MountHelper {
-    /// Starts the helper for the container whose payload is `pid` and whose root is host id
-    /// `owner`; `dir` is any directory, covered by the helper's staging tmpfs in its own
+    /// Starts the helper for the container whose mount namespace is `ns` and whose root is host
+    /// id `owner`; `dir` is any directory, covered by the helper's staging tmpfs in its own
     /// namespace only.
-    pub fn start(pid: i32, owner: u32, dir: &Path) -> Result<MountHelper> {
-        let mut child = Command::new("/proc/self/exe")
-            .arg("mount-helper")
-            .args([pid.to_string(), owner.to_string()])
-            .arg(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the mount helper")?;
+    pub fn start(ns: BorrowedFd, owner: u32, dir: &Path) -> Result<MountHelper> {
+        let ns = ns.as_raw_fd();
+        let mut command = Command::new("/proc/self/exe");
+        command.arg("mount-helper").arg(owner.to_string()).arg(dir).stdin(Stdio::piped()).stdout(Stdio::piped());
+        // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls.
+        // dup2 leaves the new descriptor open across exec; when `ns` is fd 3 already, the
+        // close-on-exec flag is cleared instead.
+        unsafe {
+            command.pre_exec(move || {
+                let done =
+                    if ns == HELPER_NS_FD { libc::fcntl(ns, libc::F_SETFD, 0) } else { libc::dup2(ns, HELPER_NS_FD) };
+                if done < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().context("starting the mount helper")?;
         let requests = child.stdin.take().expect("piped stdin");
         let answers = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut helper = MountHelper { child, requests, answers };
@@ -128,8 +142,10 @@ fn line_safe(path: &Path) -> Result<&str> {
 /// closes, which is also how it learns that the supervisor died (only the supervisor holds the
 /// other end). Not a parent-death signal: that follows the thread that started the helper, and
 /// the supervisor's worker threads come and go.
-pub fn serve(pid: i32, owner: u32, dir: &Path) -> Result<()> {
-    let container = File::open(format!("/proc/{pid}/ns/mnt")).with_context(|| format!("container process {pid}"))?;
+pub fn serve(owner: u32, dir: &Path) -> Result<()> {
+    // SAFETY: the supervisor starts the helper with the container's mount namespace on this
+    // descriptor (see `MountHelper::start`), which nothing else here owns.
+    let container = unsafe { File::from_raw_fd(HELPER_NS_FD) };
     unshare(CloneFlags::CLONE_NEWNS).context("a private mount namespace")?;
     // A slave: host mounts made later (a driver's directory) still show here, for binds.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)?;

@@ -191,6 +191,7 @@ fn run_staged(
     }
     drop((go_read, err_write));
     let child = Pid::from_raw(pid);
+    let mount_ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok().map(std::os::fd::OwnedFd::from);
     let cleanup = cg_cleanup;
 
     if plan.user_namespace {
@@ -274,6 +275,7 @@ fn run_staged(
     let live = Arc::new(Mutex::new(Live {
         name: d.name.clone(),
         pid,
+        mount_ns,
         state: "running",
         hotplug: d.gpu.hotplug,
         selectors: d.gpu.devices.clone(),
