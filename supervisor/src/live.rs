@@ -149,6 +149,28 @@ impl Live {
         self.helper().map(drop)
     }
 
+    /// Under systemd, a `Hotplug=yes` container's unit allows the GPU classes the kernel has
+    /// now, so that the first GPU of a known kind that comes later does not wait for a systemd
+    /// call (a class is allowed for good at its first GPU anyway; the container's own device
+    /// program stays exact). A class whose driver is not loaded yet still costs its first GPU
+    /// that call.
+    pub fn allow_gpu_classes(&mut self) -> Result<()> {
+        let Some(unit) = self.unit.clone().filter(|_| self.hotplug && self.state == "running") else {
+            return Ok(());
+        };
+        let mut entries = self.allowed_by_systemd.clone();
+        for class in systemd::gpu_classes() {
+            if !entries.contains(&class) {
+                entries.push(class);
+            }
+        }
+        if entries != self.allowed_by_systemd {
+            systemd::set_device_allow(&unit, &entries)?;
+            self.allowed_by_systemd = entries;
+        }
+        Ok(())
+    }
+
     /// Gives the container's nodes the mode their host nodes have now. A hotplugged node is
     /// attached as soon as the kernel makes it, when it still has devtmpfs's 0600 (container
     /// root can open it); udev sets its mode a little later, and the container's node follows,

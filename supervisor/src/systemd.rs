@@ -66,6 +66,11 @@ pub fn device_allow_entries(nodes: &[Node], before: &[String]) -> Vec<String> {
     entries
 }
 
+/// The GPU classes the kernel has now (`char-drm`, `char-nvidia-frontend`, …).
+pub fn gpu_classes() -> Vec<String> {
+    char_classes().into_iter().filter(|(_, class)| gpu_class(class)).map(|(_, class)| format!("char-{class}")).collect()
+}
+
 /// The character device classes in /proc/devices, by major number.
 fn char_classes() -> Vec<(u32, String)> {
     let text = std::fs::read_to_string("/proc/devices").unwrap_or_default();

@@ -57,9 +57,10 @@ pub fn follow(live: &Shared) {
             .map_err(|e| log::warn(&format!("hotplug waits for udev: cannot listen to the kernel's uevents: {e}")))
             .ok();
         {
-            // The mount helper now rather than at the first event, which should not wait for it.
+            // The mount helper and systemd's permission for the GPU classes there are now
+            // rather than at the first event, which should not wait for them.
             let mut l = live.lock().expect("live state lock");
-            if let Err(e) = l.prepare() {
+            if let Err(e) = l.prepare().and_then(|_| l.allow_gpu_classes()) {
                 log::warn(&format!("{e:#}"));
             }
         }
