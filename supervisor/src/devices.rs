@@ -33,15 +33,16 @@ impl Access {
 }
 
 /// The mode of the host node that `node` takes its mode from, if it does: its own path's, a CDI
-/// node's `hostPath`'s; `None` for a node with a fixed mode (CDI `fileMode`) or where the host
-/// node is gone.
+/// node's `hostPath`'s; `None` for a node with a fixed mode (CDI `fileMode`), or where the host
+/// path is gone or now has another device (a path is reused by the next device that comes).
 pub fn host_mode(node: &Node, spec: &NodeAccess) -> Option<u32> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if spec.mode.is_some() {
         return None;
     }
-    let host = spec.host_path.as_deref().unwrap_or(&node.path);
-    std::fs::metadata(host).ok().map(|m| m.permissions().mode() & 0o777)
+    let host = std::fs::metadata(spec.host_path.as_deref().unwrap_or(&node.path)).ok()?;
+    let same = libc::major(host.rdev()) as u32 == node.major && libc::minor(host.rdev()) as u32 == node.minor;
+    same.then(|| host.permissions().mode() & 0o777)
 }
 
 /// The group a container's devices belong to: `User=`'s group, looked up in the container's

@@ -48,6 +48,10 @@ pub struct Live {
     pub followed: bool,
     /// The unit's `DeviceAllow=` as last set (see `systemd`).
     pub allowed_by_systemd: Vec<String>,
+    /// Nodes still mounted inside whose detach failed: on record, since the container has
+    /// them, but never allowed again (their device may be gone, and its numbers taken by
+    /// another); the next removal tries again.
+    pub stuck: Vec<Node>,
     /// Nodes whose mode follows a host node's (see `devices::host_mode`), with what the spec
     /// says of them and the mode they have inside now.
     pub host_modes: Vec<(Node, NodeAccess, u32)>,
@@ -176,6 +180,10 @@ impl Live {
     /// root can open it); udev sets its mode a little later, and the container's node follows,
     /// as a non-root user on the host waits for udev too.
     pub fn follow_host_modes(&mut self) {
+        if self.state != "running" {
+            return;
+        }
+        let mut lost = Vec::new();
         for i in 0..self.host_modes.len() {
             let (node, spec, mode) = &self.host_modes[i];
             let Some(host) = crate::devices::host_mode(node, spec).filter(|m| m != mode) else { continue };
@@ -184,9 +192,28 @@ impl Live {
             let result = if staged_at_start { Ok(()) } else { self.helper().and_then(|h| h.set_mode(&path, host)) };
             match result {
                 Ok(()) => self.host_modes[i].2 = host,
-                Err(e) => log::warn(&format!("giving {} the mode {host:o}: {e:#}", path.display())),
+                // Its staging node went with a mount helper that died: it keeps its mode.
+                Err(e) => {
+                    log::warn(&format!("{} keeps its mode: {e:#}", path.display()));
+                    lost.push(i);
+                }
             }
         }
+        for i in lost.into_iter().rev() {
+            self.host_modes.remove(i);
+        }
+    }
+
+    /// The directories of the host nodes whose modes the container's nodes follow.
+    pub fn mode_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = self
+            .host_modes
+            .iter()
+            .filter_map(|(node, spec, _)| spec.host_path.as_deref().unwrap_or(&node.path).parent().map(PathBuf::from))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
     }
 
     fn check_running(&self) -> Result<()> {
@@ -303,9 +330,11 @@ impl Live {
             }
         }
         self.nodes.retain(|n| !gone.contains(n));
-        if failed.is_some() {
-            let still = self.nodes.clone();
-            let _ = self.grant(&still);
+        self.stuck.retain(|n| !gone.contains(n));
+        for n in going.iter().filter(|n| !gone.contains(n)) {
+            if failed.is_some() && !self.stuck.contains(n) {
+                self.stuck.push(n.clone());
+            }
         }
         self.host_modes.retain(|(n, ..)| !gone.contains(n));
         for d in &mut self.devices {
@@ -359,6 +388,8 @@ impl Live {
     /// payload's cgroup, and under systemd the unit's `DeviceAllow=` (by class for GPUs, see
     /// `systemd`).
     fn grant(&mut self, nodes: &[Node]) -> Result<()> {
+        let nodes: Vec<Node> = nodes.iter().filter(|n| !self.stuck.contains(n)).cloned().collect();
+        let nodes = &nodes[..];
         if let Some(filter) = &mut self.devices_filter {
             let mut allowed = self.base_allowed.clone();
             allowed.extend(nodes.iter().map(|n| (n.major, Some(n.minor))));

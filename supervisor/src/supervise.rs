@@ -292,6 +292,7 @@ fn run_staged(
         nodes: selection.nodes.clone(),
         followed: false,
         allowed_by_systemd,
+        stuck: Vec::new(),
         host_modes,
     }));
     // Containers with devices follow udev's events; one without gets there at its first attach.
@@ -305,6 +306,7 @@ fn run_staged(
         let mut live = live.lock().expect("live state lock");
         live.state = "stopping";
         live.helper = None;
+        live.mount_ns = None;
     }
     drop(socket);
     drop(go);

@@ -6,7 +6,8 @@
 //! - udev's events for devices gpubox's rules tag `gpubox`, once udev has finished with them:
 //!   udev sets the host node's mode after the kernel made it, and the container's node follows
 //!   that mode (see `Live::follow_host_modes`); an event the kernel's stream lost (a full
-//!   socket buffer) is caught here too.
+//!   socket buffer) is caught here too. udev's chmod itself is seen earlier still, by inotify on
+//!   the host node's directory, and the container's node follows at once.
 //!
 //! Either source leads to a reselection (see `Live::hotplug`), so a GPU is never attached
 //! twice, whichever event comes first. No process is started per event. The monitors are open
@@ -15,6 +16,7 @@
 
 use crate::control::Shared;
 use crate::log;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use std::os::fd::AsFd;
 use udev::EventType;
 
@@ -64,8 +66,14 @@ pub fn follow(live: &Shared) {
                 log::warn(&format!("{e:#}"));
             }
         }
+        // udev sets a node's mode as it runs its rules, well before its event is sent: the
+        // attribute change on the host node is the earlier sign (inotify on its directory).
+        let modes = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+            .map_err(|e| log::warn(&format!("modes follow udev's events only: {e}")))
+            .ok();
         // What changed between the container's start and the monitors being open.
         settle(&live, Due { added: true, removed: true, configured: true });
+        watch_mode_dirs(modes.as_ref(), &live);
         // Connected now, so that no event waits for it.
         if live.lock().expect("live state lock").unit.is_some() {
             let _ = crate::systemd::bus();
@@ -74,6 +82,9 @@ pub fn follow(live: &Shared) {
             let mut fds = vec![nix::poll::PollFd::new(udev.as_fd(), nix::poll::PollFlags::POLLIN)];
             if let Some(k) = &kernel {
                 fds.push(nix::poll::PollFd::new(k.as_fd(), nix::poll::PollFlags::POLLIN));
+            }
+            if let Some(m) = &modes {
+                fds.push(nix::poll::PollFd::new(m.as_fd(), nix::poll::PollFlags::POLLIN));
             }
             match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -102,8 +113,17 @@ pub fn follow(live: &Shared) {
                     _ => {}
                 }
             }
+            if modes.as_ref().is_some_and(|m| m.read_events().is_ok_and(|e| !e.is_empty())) {
+                due.configured = true;
+            }
+            let added = due.added;
             if !settle(&live, due) {
                 return;
+            }
+            watch_mode_dirs(modes.as_ref(), &live);
+            if added {
+                // udev may have set a new node's mode before its directory was watched.
+                live.lock().expect("live state lock").follow_host_modes();
             }
         }
     });
@@ -112,17 +132,39 @@ pub fn follow(live: &Shared) {
     }
 }
 
+/// Watches the directories of the host nodes that the container's nodes take their modes from
+/// (adding a watch again changes nothing; a directory that went and came back is watched anew).
+fn watch_mode_dirs(modes: Option<&Inotify>, live: &Shared) {
+    let Some(modes) = modes else { return };
+    for dir in live.lock().expect("live state lock").mode_dirs() {
+        let _ = modes.add_watch(&dir, AddWatchFlags::IN_ATTRIB);
+    }
+}
+
 /// The kernel's events that gpubox's udev rules would tag: a DRM card or render node (not a
-/// connector, which has no node), or the nvidia driver binding to a PCI device or leaving it.
+/// connector, which has no node), the nvidia driver binding to a PCI device, or a display
+/// controller's driver leaving it or the device going (those events no longer name the driver).
 fn gpu_event(event: &udev::Event) -> bool {
     match event.subsystem().and_then(|s| s.to_str()) {
         Some("drm") => {
             let name = event.sysname().to_string_lossy();
             event.property_value("DEVNAME").is_some() && (name.starts_with("card") || name.starts_with("renderD"))
         }
-        Some("pci") => event.property_value("DRIVER").is_some_and(|d| d == "nvidia"),
+        Some("pci") => match event.event_type() {
+            EventType::Bind => event.property_value("DRIVER").is_some_and(|d| d == "nvidia"),
+            EventType::Unbind | EventType::Remove => {
+                event.property_value("PCI_CLASS").and_then(|c| c.to_str()).is_some_and(display_class)
+            }
+            _ => false,
+        },
         _ => false,
     }
+}
+
+/// PCI class 0x03xxxx (display controllers: VGA, 3D, …), as the kernel writes `PCI_CLASS`
+/// (`%04X` of the 24-bit class: `30000`, `30200`).
+fn display_class(class: &str) -> bool {
+    class.len() == 5 && class.starts_with('3')
 }
 
 /// Reselects after events; false once the container is no longer running.
@@ -130,15 +172,17 @@ fn gpu_event(event: &udev::Event) -> bool {
 fn settle(live: &Shared, due: Due) -> bool {
     let mut live = live.lock().expect("live state lock");
     let before = live.devices.clone();
+    // Modes first: for udev's event on a GPU the kernel's event brought already, that is what
+    // a non-root user inside waits for; the reselection after it is the backstop.
+    if due.configured {
+        live.follow_host_modes();
+    }
     for (happened, action) in [(due.removed, "remove"), (due.added, "add")] {
         if happened {
             if let Err(e) = live.hotplug(action) {
                 log::warn(&format!("hotplug {action}: {e:#}"));
             }
         }
-    }
-    if due.configured {
-        live.follow_host_modes();
     }
     if live.devices != before {
         crate::control::announce(&live.status());

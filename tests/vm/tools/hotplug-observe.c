@@ -1,7 +1,10 @@
 /* hotplug-observe PID COUNT: loads and unloads vkms COUNT times and prints, for each, how long
- * the container of PID took to follow: "add US" from the host's /dev/dri/card0 being made to
- * the node being there inside, "remove US" from the host's node going to the node gone inside
- * ("missed" when nothing came within 5 s).
+ * the container of PID took to follow: "add US MODE_US UDEV_US" from the host's /dev/dri/card0 being
+ * made to the node being there inside (US), and to the node inside having the mode udev gave
+ * the host's (MODE_US: when a non-root user of the device group can open it; -1 if not within
+ * 5 s), and to udev having set the host node's mode (UDEV_US, as this observer saw it: at the
+ * latest when the node inside got its mode, since it looks at both then); "remove US" from the host's node going to the node gone inside ("missed" when nothing
+ * came within 5 s).
  *
  * Both ends are events, not polls: inotify on the host's /dev/dri, and a poll of the
  * container's mountinfo, which wakes on every change of its mount table. The observer runs at a
@@ -79,6 +82,34 @@ static int wait_inside(int mountinfo, const char *node, int want) {
     }
 }
 
+/* Waits until udev has set the host node's mode (devtmpfs makes it 0600) and the node inside
+ * has the same, waking on attribute changes of either (the node inside is the inode the
+ * supervisor changes). */
+static int wait_mode(const char *node, long long *host_set) {
+    int attr = inotify_init1(IN_CLOEXEC);
+    if (attr < 0 || inotify_add_watch(attr, "/dev/dri", IN_ATTRIB) < 0 || inotify_add_watch(attr, node, IN_ATTRIB) < 0)
+        die("inotify for modes");
+    char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    long long end = now_us() + 5000000;
+    int result = -1;
+    for (;;) {
+        struct stat host, inside;
+        int udev_done = stat("/dev/dri/card0", &host) == 0 && (host.st_mode & 07777) != 0600;
+        if (udev_done && *host_set < 0) *host_set = now_us();
+        if (udev_done && stat(node, &inside) == 0 &&
+            (host.st_mode & 07777) == (inside.st_mode & 07777)) {
+            result = 0;
+            break;
+        }
+        struct pollfd p = {attr, POLLIN, 0};
+        int left = (int)((end - now_us()) / 1000);
+        if (left <= 0 || poll(&p, 1, left) <= 0) break;
+        if (read(attr, buf, sizeof buf) < 0) break;
+    }
+    close(attr);
+    return result;
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) {
         fprintf(stderr, "usage: hotplug-observe PID COUNT\n");
@@ -104,13 +135,16 @@ int main(int argc, char **argv) {
     for (int i = 0; i < count; i++) {
         for (int add = 1; add >= 0; add--) {
             pid_t cmd = start(add ? load : unload);
-            long long t0 = -1, t1 = -1;
+            long long t0 = -1, t1 = -1, t2 = -1, th = -1;
             if (wait_host(ino, add) == 0) {
                 t0 = now_us();
                 if (wait_inside(mountinfo, node, add) == 0) t1 = now_us();
+                if (t1 >= 0 && add && wait_mode(node, &th) == 0) t2 = now_us();
             }
-            if (t1 >= 0)
-                printf("%s %lld\n", add ? "add" : "remove", t1 - t0);
+            if (t1 >= 0 && add)
+                printf("add %lld %lld %lld\n", t1 - t0, t2 >= 0 ? t2 - t0 : -1, th >= 0 ? th - t0 : -1);
+            else if (t1 >= 0)
+                printf("remove %lld\n", t1 - t0);
             else
                 printf("missed %s\n", add ? "add" : "remove");
             fflush(stdout);
