@@ -60,12 +60,13 @@ impl Container {
         let status = blocking::unblock(move || {
             let mut live = live.lock().expect("live state lock");
             let before = live.status();
-            change(&mut live)?;
+            let result = change(&mut live);
+            // A change that failed half-way may have changed something too.
             let status = live.status();
             if status != before {
                 announce(&status);
             }
-            Ok::<_, anyhow::Error>(status)
+            result.map(|_| status)
         })
         .await
         .map_err(fail)?;
