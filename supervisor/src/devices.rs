@@ -128,23 +128,13 @@ impl Staging {
         Ok(source)
     }
 
-    /// Changes the mode of the staging node for the node at `path`, if this staged it.
-    pub fn set_mode(&self, path: &Path, mode: u32) -> bool {
-        let source = self.dir.join(Self::name_for(path));
-        source.exists() && std::fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(mode)).is_ok()
-    }
-
     /// Removes a node's staging node once it is detached.
     pub fn unstage(&self, node: &Node) {
         let _ = std::fs::remove_file(self.dir.join(Self::file_name(node)));
     }
 
     fn file_name(node: &Node) -> String {
-        Self::name_for(&node.path)
-    }
-
-    fn name_for(path: &Path) -> String {
-        path.to_string_lossy().trim_start_matches('/').replace('/', "-")
+        node.path.to_string_lossy().trim_start_matches('/').replace('/', "-")
     }
 
     /// Removes the directories we made on the host (the tmpfs goes with our namespace).

@@ -7,12 +7,13 @@
 use crate::devcgroup::DeviceFilter;
 use crate::devices::{Access, Staging};
 use crate::mount_helper::MountHelper;
+use crate::node_modes::FollowedNode;
 use crate::{log, systemd};
 use anyhow::{bail, Result};
 use gpubox_control::{Device, Status};
 use gpubox_definition::Selector;
 use gpubox_devices::cdi::Mount;
-use gpubox_devices::{select, Inventory, Node, NodeAccess, Selection};
+use gpubox_devices::{select, Inventory, Node, Selection};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
@@ -52,9 +53,8 @@ pub struct Live {
     /// them, but never allowed again (their device may be gone, and its numbers taken by
     /// another); the next removal tries again.
     pub stuck: Vec<Node>,
-    /// Nodes whose mode follows a host node's (see `devices::host_mode`), with what the spec
-    /// says of them and the mode they have inside now.
-    pub host_modes: Vec<(Node, NodeAccess, u32)>,
+    /// Nodes whose mode follows a host node's (see `node_modes`).
+    pub host_modes: Vec<FollowedNode>,
 }
 
 impl Live {
@@ -183,34 +183,16 @@ impl Live {
         if self.state != "running" {
             return;
         }
-        let mut lost = Vec::new();
-        for i in 0..self.host_modes.len() {
-            let (node, spec, mode) = &self.host_modes[i];
-            let Some(host) = crate::devices::host_mode(node, spec).filter(|m| m != mode) else { continue };
-            let path = node.path.clone();
-            let staged_at_start = self.staging.as_ref().is_some_and(|s| s.set_mode(&path, host));
-            let result = if staged_at_start { Ok(()) } else { self.helper().and_then(|h| h.set_mode(&path, host)) };
-            match result {
-                Ok(()) => self.host_modes[i].2 = host,
-                // Its staging node went with a mount helper that died: it keeps its mode.
-                Err(e) => {
-                    log::warn(&format!("{} keeps its mode: {e:#}", path.display()));
-                    lost.push(i);
-                }
+        for followed in &mut self.host_modes {
+            if let Err(e) = followed.follow() {
+                log::warn(&format!("{} keeps its mode: {e}", followed.node.path.display()));
             }
-        }
-        for i in lost.into_iter().rev() {
-            self.host_modes.remove(i);
         }
     }
 
     /// The directories of the host nodes whose modes the container's nodes follow.
     pub fn mode_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = self
-            .host_modes
-            .iter()
-            .filter_map(|(node, spec, _)| spec.host_path.as_deref().unwrap_or(&node.path).parent().map(PathBuf::from))
-            .collect();
+        let mut dirs: Vec<PathBuf> = self.host_modes.iter().filter_map(|f| f.host_dir().map(PathBuf::from)).collect();
         dirs.sort();
         dirs.dedup();
         dirs
@@ -249,9 +231,7 @@ impl Live {
             match self.helper().and_then(|h| h.attach(node, access)) {
                 Ok(()) => {
                     done.push(node.clone());
-                    if spec.mode.is_none() {
-                        modes.push((node.clone(), spec, access.mode));
-                    }
+                    modes.extend(FollowedNode::open(self.pid, node, &spec, access.mode));
                 }
                 Err(e) => {
                     failed = Some(e.context(format!("attaching {}", node.path.display())));
@@ -336,7 +316,7 @@ impl Live {
                 self.stuck.push(n.clone());
             }
         }
-        self.host_modes.retain(|(n, ..)| !gone.contains(n));
+        self.host_modes.retain(|f| !gone.contains(&f.node));
         for d in &mut self.devices {
             d.nodes.retain(|p| !gone.iter().any(|n| &n.path == p));
         }

@@ -11,6 +11,7 @@ mod idmap;
 mod live;
 mod log;
 mod mount_helper;
+mod node_modes;
 mod rootfs;
 mod seccomp;
 mod supervise;

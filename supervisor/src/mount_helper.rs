@@ -16,8 +16,7 @@
 //!
 //! Requests are lines on its stdin, answers lines on its stdout: `attach MAJOR MINOR MODE UID
 //! GID PATH`, `detach PATH`, `bind RO LENGTH HOSTPATH PATH` (RO 0 or 1, LENGTH the bytes of
-//! HOSTPATH), `unbind PATH` or `mode MODE PATH` (a new mode for an attached node), answered
-//! `ok` or `error MESSAGE`.
+//! HOSTPATH) or `unbind PATH`, answered `ok` or `error MESSAGE`.
 
 use crate::devices::Access;
 use crate::sys;
@@ -89,12 +88,6 @@ impl MountHelper {
     pub fn bind(&mut self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
         let source = line_safe(source)?;
         self.call(&format!("bind {} {} {source} {}", u8::from(read_only), source.len(), line_safe(target)?))
-    }
-
-    /// Gives the node attached at `path` a new mode (its staging node's, which is what the
-    /// container has mounted).
-    pub fn set_mode(&mut self, path: &Path, mode: u32) -> Result<()> {
-        self.call(&format!("mode {mode:o} {}", line_safe(path)?))
     }
 
     /// Unmounts a bind; its mount point goes only if the helper made it.
@@ -199,15 +192,6 @@ impl Helper {
                 self.bind(Path::new(source), Path::new(target), read_only == "1")
             }
             ["unbind", ..] => self.unbind(Path::new(request.trim_start_matches("unbind "))),
-            ["mode", mode, ..] => {
-                let path = request.splitn(3, ' ').nth(2).unwrap_or_default();
-                let mode = u32::from_str_radix(mode, 8)?;
-                fs::set_permissions(
-                    self.staging_node(Path::new(path)),
-                    std::os::unix::fs::PermissionsExt::from_mode(mode),
-                )
-                .with_context(|| format!("changing the mode of {path}"))
-            }
             _ => bail!("unknown request {request:?}"),
         }
     }

@@ -7,6 +7,7 @@ use crate::cgroup::Cgroup;
 use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
 use crate::live::Live;
+use crate::node_modes::FollowedNode;
 use crate::{capabilities, control, devcgroup, idmap, log, seccomp, sys, systemd, watch};
 use anyhow::{Context, Result};
 use gpubox_definition::{Bind, Definition, Network, UserNamespace};
@@ -146,9 +147,7 @@ fn run_staged(
             let access = Access::for_node(node, device_group, &spec);
             let source = staging.stage(node, access)?;
             plan.devices.push((source, node.path.clone()));
-            if spec.mode.is_none() {
-                host_modes.push((node.clone(), spec, access.mode));
-            }
+            host_modes.push((node.clone(), spec, access.mode));
         }
     }
     if !selection.names.is_empty() {
@@ -293,7 +292,7 @@ fn run_staged(
         followed: false,
         allowed_by_systemd,
         stuck: Vec::new(),
-        host_modes,
+        host_modes: host_modes.iter().filter_map(|(n, spec, mode)| FollowedNode::open(pid, n, spec, *mode)).collect(),
     }));
     // Containers with devices follow udev's events; one without gets there at its first attach.
     if !d.gpu.devices.is_empty() {
