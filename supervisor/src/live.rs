@@ -290,8 +290,8 @@ impl Live {
         Ok(())
     }
 
-    /// Permission first, then each node out of the container. A node that will not go stays
-    /// attached, its permission given back, so that the records say what the container has.
+    /// Permission first, then each node out of the container. A node that will not go stays on
+    /// record (the container still has it) but `stuck`, without permission.
     fn detach_nodes(&mut self, going: &[Node]) -> Result<()> {
         if going.is_empty() {
             return Ok(());
@@ -311,11 +311,8 @@ impl Live {
         }
         self.nodes.retain(|n| !gone.contains(n));
         self.stuck.retain(|n| !gone.contains(n));
-        for n in going.iter().filter(|n| !gone.contains(n)) {
-            if failed.is_some() && !self.stuck.contains(n) {
-                self.stuck.push(n.clone());
-            }
-        }
+        let stuck: Vec<Node> = going.iter().filter(|n| !gone.contains(n) && !self.stuck.contains(n)).cloned().collect();
+        self.stuck.extend(stuck);
         self.host_modes.retain(|f| !gone.contains(&f.node));
         for d in &mut self.devices {
             d.nodes.retain(|p| !gone.iter().any(|n| &n.path == p));

@@ -72,8 +72,7 @@ pub fn follow(live: &Shared) {
             .map_err(|e| log::warn(&format!("modes follow udev's events only: {e}")))
             .ok();
         // What changed between the container's start and the monitors being open.
-        settle(&live, Due { added: true, removed: true, configured: true });
-        watch_mode_dirs(modes.as_ref(), &live);
+        settle(&live, Due { added: true, removed: true, configured: true }, modes.as_ref());
         // Connected now, so that no event waits for it.
         if live.lock().expect("live state lock").unit.is_some() {
             let _ = crate::systemd::bus();
@@ -116,28 +115,13 @@ pub fn follow(live: &Shared) {
             if modes.as_ref().is_some_and(|m| m.read_events().is_ok_and(|e| !e.is_empty())) {
                 due.configured = true;
             }
-            let added = due.added;
-            if !settle(&live, due) {
+            if !settle(&live, due, modes.as_ref()) {
                 return;
-            }
-            watch_mode_dirs(modes.as_ref(), &live);
-            if added {
-                // udev may have set a new node's mode before its directory was watched.
-                live.lock().expect("live state lock").follow_host_modes();
             }
         }
     });
     if let Err(e) = spawned {
         log::warn(&format!("no hotplug: {e}"));
-    }
-}
-
-/// Watches the directories of the host nodes that the container's nodes take their modes from
-/// (adding a watch again changes nothing; a directory that went and came back is watched anew).
-fn watch_mode_dirs(modes: Option<&Inotify>, live: &Shared) {
-    let Some(modes) = modes else { return };
-    for dir in live.lock().expect("live state lock").mode_dirs() {
-        let _ = modes.add_watch(&dir, AddWatchFlags::IN_ATTRIB);
     }
 }
 
@@ -169,7 +153,7 @@ fn display_class(class: &str) -> bool {
 
 /// Reselects after events; false once the container is no longer running.
 /// Clients of the control socket hear of what changed, as after a change they asked for.
-fn settle(live: &Shared, due: Due) -> bool {
+fn settle(live: &Shared, due: Due, modes: Option<&Inotify>) -> bool {
     let mut live = live.lock().expect("live state lock");
     let before = live.devices.clone();
     // Modes first: for udev's event on a GPU the kernel's event brought already, that is what
@@ -183,6 +167,17 @@ fn settle(live: &Shared, due: Due) -> bool {
                 log::warn(&format!("hotplug {action}: {e:#}"));
             }
         }
+    }
+    if due.added {
+        // New nodes: their host directories watched (adding a watch again changes nothing; a
+        // directory that went and came back is watched anew), and udev may have set their
+        // modes before that.
+        if let Some(modes) = modes {
+            for dir in live.mode_dirs() {
+                let _ = modes.add_watch(&dir, AddWatchFlags::IN_ATTRIB);
+            }
+        }
+        live.follow_host_modes();
     }
     if live.devices != before {
         crate::control::announce(&live.status());
