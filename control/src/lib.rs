@@ -16,6 +16,8 @@ pub const INTERFACE: &str = "org.gpubox.Container1";
 pub const PATH: &str = "/org/gpubox/Container";
 pub const RUN_DIR: &str = "/run/gpubox";
 
+pub mod run_dir;
+
 pub fn socket_path(name: &str) -> PathBuf {
     PathBuf::from(RUN_DIR).join(name).join("control")
 }

@@ -9,7 +9,7 @@ use std::str::FromStr;
 pub enum Selector {
     /// Every GPU the host has, from every backend.
     All,
-    /// An NVIDIA GPU by NVML index.
+    /// An NVIDIA GPU by index, as NVML and nvidia-smi number them (PCI bus order).
     NvidiaIndex(u32),
     /// An NVIDIA GPU or MIG device by UUID (`GPU-…`, `MIG-…`).
     NvidiaUuid(String),

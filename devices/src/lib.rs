@@ -1,6 +1,6 @@
 //! The GPUs a host has and which of them a definition selects. Three backends, each optional
-//! at run time: DRM through udev, NVIDIA through NVML (loaded with dlopen; no library, no
-//! backend), and CDI specs. Discovery produces plain facts ([`Gpu`]), so matching is tested
+//! at run time: DRM through udev, NVIDIA through the driver's `/proc/driver/nvidia` (no
+//! driver, no backend), and CDI specs. Discovery produces plain facts ([`Gpu`]), so matching is tested
 //! against recorded device trees without the hardware.
 
 pub mod cdi;
@@ -101,10 +101,10 @@ impl Inventory {
         };
         match nvidia::discover() {
             Ok(found) => {
-                backends.push(Backend { name: "nvml", absent: None });
+                backends.push(Backend { name: "nvidia", absent: None });
                 merge_nvidia(&mut gpus, found);
             }
-            Err(e) => backends.push(Backend { name: "nvml", absent: Some(e) }),
+            Err(e) => backends.push(Backend { name: "nvidia", absent: Some(e) }),
         }
         let dirs = cdi_dirs();
         let cdi = cdi::Registry::load(&dirs);

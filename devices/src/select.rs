@@ -168,7 +168,7 @@ mod tests {
     }
 
     /// A host with an Intel iGPU, an NVIDIA GPU driven by nvidia + nvidia-drm, and an AMD GPU,
-    /// as udev and NVML describe them.
+    /// as udev and the NVIDIA driver describe them.
     fn host() -> Inventory {
         let nvidia_control = [node("/dev/nvidiactl", 195, 255), node("/dev/nvidia-uvm", 508, 0)];
         Inventory {
@@ -216,7 +216,7 @@ mod tests {
                     syspath: None,
                 },
             ],
-            backends: vec![Backend { name: "drm", absent: None }, Backend { name: "nvml", absent: None }],
+            backends: vec![Backend { name: "drm", absent: None }, Backend { name: "nvidia", absent: None }],
             cdi: cdi::Registry::default(),
         }
     }
@@ -256,11 +256,11 @@ mod tests {
         assert!(optional.nodes.is_empty());
         let mut empty = host();
         empty.gpus.clear();
-        empty.backends[1].absent = Some("NVML unavailable (library not found)".into());
+        empty.backends[1].absent = Some("no NVIDIA driver (/proc/driver/nvidia/gpus: NotFound)".into());
         let e = select(&empty, &["all".parse().unwrap()], false).unwrap_err();
         assert_eq!(
             e,
-            "[GPU] Device=all matches no GPU on this host; it has none (nvml: NVML unavailable (library not found))"
+            "[GPU] Device=all matches no GPU on this host; it has none (nvidia: no NVIDIA driver (/proc/driver/nvidia/gpus: NotFound))"
         );
     }
 

@@ -191,7 +191,7 @@ struct TempFile(PathBuf);
 
 impl TempFile {
     fn create(name: &str, text: &str) -> Result<TempFile> {
-        fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
+        gpubox_control::run_dir::ensure_base().with_context(|| format!("preparing {RUN_DIR}"))?;
         let path = Path::new(RUN_DIR).join(format!("{name}{}", gpubox_definition::SUFFIX));
         // Never another's file; 0600 because environment values may be secrets.
         let mut file = fs::OpenOptions::new()

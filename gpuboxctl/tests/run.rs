@@ -49,7 +49,7 @@ fn run_in(dir: &Path, args: &[&str]) -> Run {
         .args(args)
         .stdin(Stdio::null())
         .env("GPUBOX_CDI_DIRS", "/nonexistent")
-        .env("GPUBOX_NVML_LIBRARY", "/nonexistent/libnvidia-ml.so.1")
+        .env("GPUBOX_NVIDIA_PROC", "/nonexistent")
         .env_remove("INVOCATION_ID")
         .env_remove("NOTIFY_SOCKET")
         .output()

@@ -8,7 +8,7 @@ use crate::sys;
 use anyhow::{anyhow, bail, Context, Result};
 use caps::CapsHashSet;
 use gpubox_definition::{Bind, User};
-use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{self, SigHandler, SigSet, Signal};
 use nix::unistd::{Gid, Pid, Uid};
 use std::ffi::CString;
 use std::fs::File;
@@ -36,6 +36,8 @@ pub struct Plan {
     pub seccomp: Option<Vec<u8>>,
     pub init: bool,
     pub console: Option<PathBuf>,
+    /// `DriverLibraries=yes`: the host driver's files, and the scratch directory for them.
+    pub driver: Option<(gpubox_devices::driver::DriverFiles, PathBuf)>,
     /// Stop once the file system is built, for the supervisor to run hooks.
     pub hooks_barrier: bool,
 }
@@ -69,6 +71,10 @@ pub fn run(plan: &Plan, go: OwnedFd, errors: OwnedFd) -> ! {
 }
 
 fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result<std::convert::Infallible, Failure> {
+    // Dies with the supervisor from the first moment (a change of credentials clears this,
+    // so it is set again once they are final). A supervisor killed before this line closed
+    // `go`, and the read below ends the child.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
     // The start barrier: wait until the supervisor has mapped our ids and placed us.
     let mut go = File::from(go);
     let mut byte = [0u8; 1];
@@ -93,6 +99,7 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
         devices: &plan.devices,
         private_network: plan.private_network,
         console: plan.console.clone(),
+        driver: plan.driver.as_ref().map(|(files, scratch)| (files, scratch.as_path())),
     })?;
     // OCI's "created" state: the file system is in place, nothing of the payload runs yet.
     // CDI hooks (createRuntime, createContainer) run now, in the supervisor.
@@ -148,7 +155,7 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
         let errors = errors.take().expect("the error pipe is still open");
         init::run(&program, &argv, &envp, errors);
     }
-    restore_signals();
+    crate::signals::restore();
     let e = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
     let code = if e == nix::errno::Errno::ENOENT { NOT_FOUND } else { NOT_EXECUTABLE };
     Err(Failure(code, anyhow!("cannot execute {}: {}", program.to_string_lossy(), e.desc())))
@@ -163,11 +170,6 @@ fn load_seccomp(plan: &Plan) -> Result<()> {
 
 fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| anyhow!("'{s}' contains a NUL byte"))
-}
-
-/// The supervisor blocks the signals it forwards; the payload starts with none blocked.
-pub fn restore_signals() {
-    let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
 }
 
 struct Account {
@@ -277,7 +279,7 @@ mod init {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 
     /// The signals the supervisor forwards, which the init passes on to the payload.
-    use crate::supervise::FORWARDED;
+    use crate::signals::FORWARDED;
 
     extern "C" fn noop(_: libc::c_int) {}
 
@@ -301,7 +303,7 @@ mod init {
                     // SAFETY: restoring the default disposition is always safe.
                     let _ = unsafe { signal::signal(s, SigHandler::SigDfl) };
                 }
-                restore_signals();
+                crate::signals::restore();
                 let e = nix::unistd::execve(program, argv, envp).unwrap_err();
                 let code = if e == nix::errno::Errno::ENOENT { NOT_FOUND } else { NOT_EXECUTABLE };
                 let _ = write!(errors, "{code}\ncannot execute {}: {}", program.to_string_lossy(), e.desc());

@@ -7,13 +7,16 @@ mod child;
 mod control;
 mod devcgroup;
 mod devices;
+mod driver_mounts;
 mod idmap;
 mod live;
 mod log;
 mod mount_helper;
 mod node_modes;
+mod reach;
 mod rootfs;
 mod seccomp;
+mod signals;
 mod supervise;
 mod sys;
 mod systemd;
@@ -33,6 +36,11 @@ payload's status (128+N if it was killed by signal N; 125 if the container could
 126 if the command cannot be executed, 127 if it was not found).";
 
 fn main() -> ExitCode {
+    // Before anything can start a thread (signals.rs says why).
+    if let Err(e) = signals::block() {
+        eprintln!("gpubox-supervisor: blocking signals: {e}");
+        return ExitCode::from(125);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let target = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["run", "--definition", file] => Target::File(PathBuf::from(file)),
@@ -71,19 +79,6 @@ fn main() -> ExitCode {
     unsafe { libc::_exit(code) }
 }
 
-fn add_driver(selection: &mut gpubox_devices::Selection, driver: gpubox_devices::driver::DriverFiles) {
-    for path in driver.paths {
-        selection.mounts.push(gpubox_devices::cdi::Mount {
-            host_path: path.clone(),
-            container_path: path,
-            options: vec!["ro".into()],
-            kind: None,
-        });
-    }
-    let dirs: Vec<String> = driver.library_dirs.iter().map(|d| d.display().to_string()).collect();
-    selection.env.push(("LD_LIBRARY_PATH".into(), dirs.join(":")));
-}
-
 fn helper(f: impl FnOnce() -> Result<()>) -> ExitCode {
     match f() {
         Ok(()) => ExitCode::SUCCESS,
@@ -117,7 +112,7 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
         Target::File(file) => Sources::from_file(file)?.load()?,
     };
     let mut start_devices = Vec::new();
-    let mut selection = if definition.gpu.devices.is_empty() {
+    let selection = if definition.gpu.devices.is_empty() {
         gpubox_devices::Selection::default()
     } else {
         let inventory = gpubox_devices::Inventory::discover();
@@ -139,13 +134,14 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
         }
         selection
     };
-    // The host's root already has the driver and its ld cache; a root of our own gets both.
+    // The host's root already has the driver; a root of our own gets it.
+    let mut driver = None;
     if definition.gpu.driver_libraries && definition.container.root_directory.is_some() {
         match gpubox_devices::driver::nvidia() {
-            Ok(driver) => add_driver(&mut selection, driver),
+            Ok(files) => driver = Some(files),
             Err(e) if definition.gpu.optional => log::warn(&format!("{e}; starting without it (Optional=yes)")),
             Err(e) => bail!(e),
         }
     }
-    supervise::run(&definition, &selection, start_devices, mode).context("running the container")
+    supervise::run(&definition, &selection, start_devices, driver, mode).context("running the container")
 }

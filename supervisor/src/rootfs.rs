@@ -22,6 +22,8 @@ pub struct Layout<'a> {
     pub private_network: bool,
     /// The supervisor's terminal, bound at `/dev/console`.
     pub console: Option<PathBuf>,
+    /// `DriverLibraries=yes`: the host driver's files, and the scratch directory for them.
+    pub driver: Option<(&'a gpubox_devices::driver::DriverFiles, &'a Path)>,
 }
 
 /// Files and directories under /proc that hide host information or allow host changes
@@ -72,6 +74,7 @@ pub fn build(layout: &Layout) -> Result<()> {
     // Bind sources are opened first, while the host's tree is still as the user sees it (the
     // container's /tmp will hide the host's), and bound through /proc/self/fd later.
     let sources = open_bind_sources(layout.binds)?;
+    let driver = layout.driver.map(|(files, scratch)| crate::driver_mounts::open(files, scratch)).transpose()?;
     // Nothing mounted here may propagate back to the host.
     mnt(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_SLAVE, None)?;
 
@@ -106,6 +109,9 @@ pub fn build(layout: &Layout) -> Result<()> {
     dev(&root, layout)?;
     for (b, source) in &sources {
         user_bind(&root, b, source)?;
+    }
+    if let Some(driver) = &driver {
+        crate::driver_mounts::inject(&root, driver)?;
     }
     pivot(&root)?;
     if layout.root_directory.is_none() {

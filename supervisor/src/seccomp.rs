@@ -137,8 +137,12 @@ fn cache_path(profile: &str, caps: &CapsHashSet) -> Option<std::path::PathBuf> {
 }
 
 fn store(path: &Path, program: &[u8]) {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(CACHE_DIR);
+    use gpubox_control::run_dir;
+    use std::os::unix::fs::OpenOptionsExt;
+    // /run/gpubox first, with its own mode: this may be the first thing a fresh host makes there.
+    if run_dir::ensure_base().and_then(|_| run_dir::ensure_dir(Path::new(CACHE_DIR), run_dir::PRIVATE_MODE)).is_err() {
+        return;
+    }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let written = std::fs::OpenOptions::new()
         .write(true)

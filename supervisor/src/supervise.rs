@@ -8,11 +8,11 @@ use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
 use crate::live::Live;
 use crate::node_modes::FollowedNode;
-use crate::{capabilities, control, devcgroup, idmap, log, seccomp, sys, systemd, watch};
+use crate::{capabilities, control, devcgroup, idmap, log, seccomp, signals, sys, systemd, watch};
 use anyhow::{Context, Result};
 use gpubox_definition::{Bind, Definition, Network, UserNamespace};
 use gpubox_devices::Selection;
-use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{self, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -40,17 +40,6 @@ impl Mode {
     }
 }
 
-/// Signals passed on to the payload (SIGTERM and SIGINT also start the stop timeout).
-pub const FORWARDED: &[Signal] = &[
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-    Signal::SIGQUIT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-    Signal::SIGWINCH,
-];
-
 fn notify(states: &[sd_notify::NotifyState]) {
     let _ = sd_notify::notify(false, states);
 }
@@ -61,6 +50,7 @@ pub fn run(
     d: &Definition,
     selection: &Selection,
     start_devices: Vec<gpubox_control::Device>,
+    driver: Option<gpubox_devices::driver::DriverFiles>,
     mode: &Mode,
 ) -> Result<i32> {
     let c = &d.container;
@@ -102,12 +92,19 @@ pub fn run(
         init: c.init,
         console: nix::unistd::ttyname(std::io::stdin().as_fd()).ok(),
         hooks_barrier: false,
+        driver: None,
     };
     let mut plan = plan;
     let _name = idmap::claim_name(&d.name)?;
     let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
     let owner = ids.as_ref().map_or(0, |i| i.host_base);
-    let run_dir = RuntimeDir::create(&d.name)?;
+    if plan.user_namespace {
+        check_reachable(&plan, owner)?;
+    }
+    let mut run_dir = RuntimeDir::create(&d.name)?;
+    if let Some(files) = driver {
+        plan.driver = Some((files, run_dir.scratch("driver")?));
+    }
     // Only for the devices of the start: later ones are staged by the mount helper.
     let staging = if selection.nodes.is_empty() { None } else { Some(Staging::new(&run_dir.path, owner)?) };
     let result = run_staged(d, &mut plan, selection, start_devices, staging.as_ref(), owner, mode);
@@ -126,6 +123,10 @@ fn run_staged(
     owner: u32,
     mode: &Mode,
 ) -> Result<i32> {
+    let threads = signals::other_threads();
+    if !threads.is_empty() {
+        anyhow::bail!("the supervisor has other threads before the clone ({}); refusing to fork", threads.join(", "));
+    }
     let device_group = crate::devices::device_group(d.container.user.as_ref(), d.container.root_directory.as_deref());
     let cgroup = Cgroup::create(&d.name, mode.systemd)?;
     // Under systemd, systemd grants the nodes (DeviceAllow=), and must before the staging nodes
@@ -163,11 +164,10 @@ fn run_staged(
     let hooks = Hooks::new(d, &selection.hooks)?;
     let plan = &*plan;
 
-    let mut blocked = SigSet::empty();
-    blocked.add(Signal::SIGCHLD);
-    FORWARDED.iter().for_each(|&s| blocked.add(s));
-    signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None)?;
-    let signals = SignalFd::with_flags(&blocked, SfdFlags::SFD_CLOEXEC)?;
+    // Blocked since main began (signals.rs); blocking again costs nothing and keeps this
+    // function right on its own.
+    signals::block()?;
+    let signals = SignalFd::with_flags(&signals::handled(), SfdFlags::SFD_CLOEXEC)?;
 
     let (go_read, go_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -180,8 +180,9 @@ fn run_staged(
         namespaces |= libc::CLONE_NEWNET;
     }
 
-    // SAFETY: the supervisor is single-threaded here; the child only runs child::run, which
-    // execs or _exits.
+    // SAFETY: the supervisor is single-threaded here (checked at the top of this function, and
+    // nothing since starts a thread: helpers are processes); the child only runs child::run,
+    // which execs or _exits.
     let pid = unsafe { sys::clone3(namespaces, cgroup.as_ref().map(AsRawFd::as_raw_fd)) }
         .context("creating the container's namespaces")?;
     if pid == 0 {
@@ -333,6 +334,24 @@ fn run_staged(
     Ok(if mode.systemd && stopping && stopped_by_request { 0 } else { code })
 }
 
+/// The paths the child opens as the container's root (host uid `owner`), checked first for a
+/// clear error: the root, and the sources of binds that must be there.
+fn check_reachable(plan: &Plan, owner: u32) -> Result<()> {
+    let paths = plan.root_directory.iter().map(|r| ("RootDirectory".to_owned(), r.as_path())).chain(
+        plan.binds
+            .iter()
+            .filter(|b| !b.optional)
+            .map(|b| (format!("Bind source {}", b.source.display()), b.source.as_path())),
+    );
+    for (what, path) in paths {
+        if let Some(blocked) = crate::reach::first_blocked(path, owner, owner) {
+            let what = if what == "RootDirectory" { format!("RootDirectory={}", path.display()) } else { what };
+            anyhow::bail!("{what}: {blocked} host uid {owner}, the container's root (UserNamespace=private)");
+        }
+    }
+    Ok(())
+}
+
 /// CDI hooks, run by the supervisor at the OCI stages they name, each with the container's
 /// OCI state on stdin. Hooks find the container's root through the bundle's config.json, whose
 /// root is `/proc/PID/root` (the payload's root, seen from the host).
@@ -409,17 +428,27 @@ impl RuntimeDir {
     }
 
     fn create(name: &str) -> Result<RuntimeDir> {
+        use gpubox_control::run_dir;
         let path = RuntimeDir::path(name);
         let mut created = Vec::new();
-        for d in [path.parent().expect("has a parent"), &path] {
-            match std::fs::create_dir(d) {
-                Ok(()) => created.push(d.to_owned()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e).with_context(|| format!("creating {}", d.display())),
+        for (d, mode) in [(path.parent().expect("has a parent"), run_dir::BASE_MODE), (&path, run_dir::CONTAINER_MODE)]
+        {
+            if run_dir::ensure_dir(d, mode)? {
+                created.push(d.to_owned());
             }
         }
         created.reverse();
         Ok(RuntimeDir { path, created })
+    }
+
+    /// An empty directory in it for the child to mount a tmpfs on (invisible to the host: the
+    /// child's mounts stay in its namespace); removed at the end.
+    fn scratch(&mut self, name: &str) -> Result<std::path::PathBuf> {
+        let dir = self.path.join(name);
+        if gpubox_control::run_dir::ensure_dir(&dir, gpubox_control::run_dir::BASE_MODE)? {
+            self.created.insert(0, dir.clone());
+        }
+        Ok(dir)
     }
 }
 

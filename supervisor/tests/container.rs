@@ -3,93 +3,12 @@
 //! unless GPUBOX_REQUIRE_PRIVILEGED=1, which tests/run-all sets.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const SUPERVISOR: &str = env!("CARGO_BIN_EXE_gpubox-supervisor");
-
-fn privileged() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("GPUBOX_REQUIRE_PRIVILEGED").is_none(), "privileged tests need root");
-    eprintln!("skipping: privileged tests need root");
-    false
-}
-
-struct Run {
-    out: String,
-    err: String,
-    code: i32,
-}
-
-fn definition(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.gpubox"));
-    fs::write(&path, text).unwrap();
-    path
-}
-
-fn run(text: &str) -> Run {
-    // A name of its own: tests run in parallel, and a name runs once at a time.
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let name = format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let dir = tempfile::tempdir().unwrap();
-    run_file(&definition(dir.path(), &name, text), &[])
-}
-
-/// Runs the supervisor on a definition file, standalone, with extra environment variables.
-fn run_file(path: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Run {
-    let Output { status, stdout, stderr } = Command::new(SUPERVISOR)
-        .args(["run", "--definition"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .env_remove("INVOCATION_ID")
-        .env_remove("NOTIFY_SOCKET")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    Run {
-        out: String::from_utf8_lossy(&stdout).into_owned(),
-        err: String::from_utf8_lossy(&stderr).into_owned(),
-        code: status.code().unwrap_or(-1),
-    }
-}
-
-/// Runs a shell script as the payload (bound in read-only below the container's own /tmp).
-fn inside(extra: &str, script: &str) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("test.sh");
-    fs::write(&file, script).unwrap();
-    run(&format!("[Container]\nExec=/bin/sh /tmp/test.sh\nBindReadOnly={}:/tmp/test.sh\n{extra}", file.display()))
-}
-
-fn value<'a>(r: &'a Run, key: &str) -> &'a str {
-    r.out
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::trim))
-        .unwrap_or_else(|| panic!("no {key}= in output:\n{}\nstderr:\n{}", r.out, r.err))
-}
-
-fn host_mounts() -> usize {
-    fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count()
-}
-
-fn gpubox_cgroups() -> Vec<String> {
-    let mut found = Vec::new();
-    for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
-        let Some(rel) = own.lines().find_map(|l| l.strip_prefix("0::")) else { continue };
-        let dir = Path::new(root).join(rel.trim_start_matches('/'));
-        if let Ok(entries) = fs::read_dir(&dir) {
-            // Only those whose supervisor is gone: other tests run at the same time.
-            found.extend(entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| {
-                n.starts_with("gpubox-") && !Path::new("/proc").join(n.rsplit('-').next().unwrap()).exists()
-            }));
-        }
-    }
-    found
-}
+mod common;
+use common::*;
 
 #[test]
 fn defaults_hold_from_inside() {
@@ -585,49 +504,20 @@ containerEdits:
     assert!(err.contains("example.com/gpu=third") && err.contains("first") && err.contains("second"), "{err}");
 }
 
-/// The NVIDIA path with a stand-in: a fake libnvidia-ml (tests/standin/fake-nvml.c) loaded by
-/// the real nvml-wrapper, and a /dev/nvidiaN stand-in node with /dev/fuse's numbers.
+/// The NVIDIA path with a stand-in GPU (the driver's /proc tree and a /dev/nvidiaN node).
 #[test]
-fn nvidia_gpu_through_nvml_with_a_stand_in() {
+fn nvidia_gpu_with_a_stand_in() {
     if !privileged() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let lib = dir.path().join("libnvidia-ml.so.1");
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/standin/fake-nvml.c");
-    let cc = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&lib).arg(&source).status().expect("a C compiler");
-    assert!(cc.success());
-    // A minor number no real GPU has; the node is removed again however the test ends.
-    let minor = 200 + std::process::id() % 50;
-    let node = PathBuf::from(format!("/dev/nvidia{minor}"));
-    struct Remove(PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(&self.0);
-        }
-    }
-    let _ = fs::remove_file(&node);
-    nix::sys::stat::mknod(
-        &node,
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::from_bits_truncate(0o666),
-        nix::sys::stat::makedev(10, 229),
-    )
-    .unwrap();
-    let _guard = Remove(node.clone());
-
+    let gpu = NvidiaStandIn::new();
+    let (dir, minor) = (gpu.dir.path(), gpu.minor);
     let def = definition(
-        dir.path(),
+        dir,
         "nv",
         &format!("[Container]\nExec=/bin/sh -c 'ls /dev | grep nvidia; (exec 3<> /dev/nvidia{minor}) && echo open=yes'\n[GPU]\nDevice=nvidia:0\n"),
     );
-    let minor_text = minor.to_string();
-    let nvml = [
-        ("GPUBOX_NVML_LIBRARY", lib.as_os_str()),
-        ("FAKE_NVML_MINOR", minor_text.as_ref()),
-        ("GPUBOX_CDI_DIRS", dir.path().as_os_str()),
-    ];
-    let r = run_file(&def, &nvml);
+    let r = run_file(&def, &gpu.env());
     let (stdout, stderr) = (&r.out, &r.err);
     assert_eq!(r.code, 0, "{stderr}");
     assert!(stdout.lines().any(|l| l == format!("nvidia{minor}")), "{stdout}");
@@ -635,8 +525,8 @@ fn nvidia_gpu_through_nvml_with_a_stand_in() {
     assert!(stderr.contains("devices: nvidia:0"), "{stderr}");
 
     // A selector for a GPU that is not there lists the one that is.
-    let def = definition(dir.path(), "nv1", "[Container]\nExec=/bin/true\n[GPU]\nDevice=nvidia:1\n");
-    let r = run_file(&def, &nvml);
+    let def = definition(dir, "nv1", "[Container]\nExec=/bin/true\n[GPU]\nDevice=nvidia:1\n");
+    let r = run_file(&def, &gpu.env());
     let stderr = &r.err;
     assert_eq!(r.code, 125);
     assert!(

@@ -1,6 +1,13 @@
-/* A stand-in libnvidia-ml for tests on machines without an NVIDIA GPU: it answers the NVML
- * calls gpubox makes, for one GPU whose minor number comes from $FAKE_NVML_MINOR. gpubox loads
- * it through the same nvml-wrapper code path as the real library (GPUBOX_NVML_LIBRARY). */
+/* A stand-in libnvidia-ml for tests on machines without an NVIDIA GPU, faithful to what made
+ * the real one dangerous to a supervisor: as soon as it is loaded it starts a thread of its
+ * own (the real library's is named cuda00001800007), which never ends, and it is built with
+ * -z nodelete, so like the real one it is never unloaded. It answers the NVML calls older
+ * gpubox versions made, for one GPU whose minor number comes from $FAKE_NVML_MINOR
+ * (GPUBOX_NVML_LIBRARY pointed them at it). gpubox no longer loads NVML into the supervisor;
+ * tests keep it in the environment to prove that. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +15,22 @@
 typedef int nvmlReturn_t;
 typedef void *nvmlDevice_t;
 static int device;
+
+/* The thread allocates and frees in a loop, so it often holds malloc's lock: a process cloned
+ * from the one that loaded this library may inherit that lock held, as with the real one. */
+static void *worker(void *arg) {
+    (void)arg;
+    for (;;) {
+        free(malloc(4096));
+        usleep(100);
+    }
+    return NULL;
+}
+
+__attribute__((constructor)) static void start_thread(void) {
+    pthread_t t;
+    if (pthread_create(&t, NULL, worker, NULL) == 0) pthread_setname_np(t, "cuda00001800007");
+}
 
 nvmlReturn_t nvmlInit_v2(void) { return 0; }
 nvmlReturn_t nvmlInitWithFlags(unsigned int flags) { (void)flags; return 0; }
