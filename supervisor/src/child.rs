@@ -36,6 +36,8 @@ pub struct Plan {
     pub seccomp: Option<Vec<u8>>,
     pub init: bool,
     pub console: Option<PathBuf>,
+    /// The container's own terminal (the pty's slave), for stdin, stdout and stderr.
+    pub terminal: Option<std::os::fd::RawFd>,
     /// `DriverLibraries=yes`: the host driver's files, and the scratch directory for them.
     pub driver: Option<(gpubox_devices::driver::DriverFiles, PathBuf)>,
     /// Stop once the file system is built, for the supervisor to run hooks.
@@ -75,6 +77,25 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
     // so it is set again once they are final). A supervisor killed before this line closed
     // `go`, and the read below ends the child.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
+    // A session of its own, never the caller's terminal (terminal.rs says why); its own
+    // terminal when there is one.
+    nix::unistd::setsid().context("starting a session")?;
+    if let Some(tty) = plan.terminal {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto 0–2 replaces the child's stdio; tty is the pty slave the
+            // supervisor left open for it.
+            if unsafe { libc::dup2(tty, fd) } < 0 {
+                return Err(anyhow!("giving the container its terminal: {}", std::io::Error::last_os_error()).into());
+            }
+        }
+        // SAFETY: TIOCSCTTY takes an int argument (0: do not steal); fd 0 is the pty's slave.
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+            return Err(anyhow!("making the container's terminal its controlling terminal: {}", std::io::Error::last_os_error()).into());
+        }
+    }
+    // Nothing the caller had open reaches the payload: only stdin, stdout, stderr and the
+    // two pipes to the supervisor (close-on-exec) stay.
+    close_all_but(&[go.as_raw_fd(), errors.as_ref().map_or(-1, AsRawFd::as_raw_fd)]);
     // The start barrier: wait until the supervisor has mapped our ids and placed us.
     let mut go = File::from(go);
     let mut byte = [0u8; 1];
@@ -159,6 +180,21 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
     let e = nix::unistd::execve(&program, &argv, &envp).unwrap_err();
     let code = if e == nix::errno::Errno::ENOENT { NOT_FOUND } else { NOT_EXECUTABLE };
     Err(Failure(code, anyhow!("cannot execute {}: {}", program.to_string_lossy(), e.desc())))
+}
+
+/// Closes every descriptor from 3 up but those in `keep`.
+fn close_all_but(keep: &[std::os::fd::RawFd]) {
+    let mut keep: Vec<u32> = keep.iter().filter(|&&fd| fd >= 3).map(|&fd| fd as u32).collect();
+    keep.sort_unstable();
+    let mut first = 3u32;
+    for fd in keep.into_iter().chain(std::iter::once(u32::MAX)) {
+        if fd > first {
+            // SAFETY: close_range only closes descriptors; none in this range is owned by
+            // anything that will use it again (the child is single-threaded and keeps none).
+            unsafe { libc::close_range(first, fd - 1, 0) };
+        }
+        first = fd.saturating_add(1);
+    }
 }
 
 fn load_seccomp(plan: &Plan) -> Result<()> {

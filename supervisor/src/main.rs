@@ -9,6 +9,7 @@ mod devcgroup;
 mod devices;
 mod driver_mounts;
 mod idmap;
+mod in_root;
 mod live;
 mod log;
 mod mount_helper;
@@ -20,6 +21,7 @@ mod signals;
 mod supervise;
 mod sys;
 mod systemd;
+mod terminal;
 mod watch;
 
 use anyhow::{bail, Context, Result};
@@ -36,6 +38,9 @@ payload's status (128+N if it was killed by signal N; 125 if the container could
 126 if the command cannot be executed, 127 if it was not found).";
 
 fn main() -> ExitCode {
+    // Nothing the caller left open reaches a helper, a hook or the payload (CVE-2024-21626).
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets close-on-exec flags.
+    unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) };
     // Before anything can start a thread (signals.rs says why).
     if let Err(e) = signals::block() {
         eprintln!("gpubox-supervisor: blocking signals: {e}");

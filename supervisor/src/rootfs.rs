@@ -8,7 +8,10 @@ use crate::sys;
 use anyhow::{bail, Context, Result};
 use gpubox_definition::Bind;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use crate::in_root;
+use nix::fcntl::OFlag;
 use std::fs;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
@@ -59,16 +62,6 @@ fn bind(source: &Path, target: &Path, flags: MsFlags) -> Result<()> {
         .with_context(|| format!("binding {} to {}", source.display(), target.display()))
 }
 
-fn remount_bind_read_only(target: &Path, extra: MsFlags) -> Result<()> {
-    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | extra;
-    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
-        .with_context(|| format!("making {} read-only", target.display()))
-}
-
-fn inside(root: &Path, path: &Path) -> PathBuf {
-    root.join(path.strip_prefix("/").unwrap_or(path))
-}
-
 /// Builds the file system and pivots into it. Runs in the child, in its own mount namespace.
 pub fn build(layout: &Layout) -> Result<()> {
     // Bind sources are opened first, while the host's tree is still as the user sees it (the
@@ -86,7 +79,7 @@ pub fn build(layout: &Layout) -> Result<()> {
             bind(dir, dir, MsFlags::MS_REC)?;
             if layout.read_only {
                 sys::mount_setattr_recursive(dir, sys::MOUNT_ATTR_RDONLY).context("making the root read-only")?;
-                scratch_tmpfs(dir)?;
+                scratch_tmpfs(open_dir(dir)?.as_fd())?;
             }
             dir.to_owned()
         }
@@ -99,16 +92,19 @@ pub fn build(layout: &Layout) -> Result<()> {
             fs::create_dir(staging).context("creating the staging directory")?;
             bind(Path::new("/"), staging, MsFlags::MS_REC)?;
             sys::mount_setattr_recursive(staging, sys::MOUNT_ATTR_RDONLY).context("making the host's / read-only")?;
-            scratch_tmpfs(staging)?;
+            scratch_tmpfs(open_dir(staging)?.as_fd())?;
             staging.to_owned()
         }
     };
 
-    proc(&root)?;
-    sys(&root, layout.private_network)?;
-    dev(&root, layout)?;
+    // Every path below the root is resolved inside it from here on (in_root.rs).
+    let root_fd = open_dir(&root)?;
+    let root_fd = root_fd.as_fd();
+    proc(root_fd)?;
+    sys(root_fd, layout.private_network)?;
+    dev(root_fd, layout)?;
     for (b, source) in &sources {
-        user_bind(&root, b, source)?;
+        user_bind(root_fd, b, source)?;
     }
     if let Some(driver) = &driver {
         crate::driver_mounts::inject(&root, driver)?;
@@ -120,64 +116,100 @@ pub fn build(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
+/// A descriptor of a directory the supervisor trusts (the root itself), to resolve in.
+fn open_dir(path: &Path) -> Result<OwnedFd> {
+    nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// The directory `path` inside the root, if it is one (links followed inside the root).
+fn dir_in_root(root: BorrowedFd, path: &str) -> Option<OwnedFd> {
+    in_root::open(root, Path::new(path), libc::O_PATH | libc::O_DIRECTORY).ok()
+}
+
 /// A read-only root gets fresh, writable tmpfs where programs expect to write.
-fn scratch_tmpfs(root: &Path) -> Result<()> {
-    for dir in ["tmp", "run", "var/tmp"] {
-        let target = root.join(dir);
-        if target.is_dir() {
-            let mode = if dir == "run" { "mode=755" } else { "mode=1777" };
-            mnt(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(mode))?;
+fn scratch_tmpfs(root: BorrowedFd) -> Result<()> {
+    for dir in ["/tmp", "/run", "/var/tmp"] {
+        if let Some(target) = dir_in_root(root, dir) {
+            let mode = if dir == "/run" { "mode=755" } else { "mode=1777" };
+            mnt(Some("tmpfs"), Path::new(&in_root::fd_path(&target)), Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(mode))
+                .with_context(|| format!("on {dir}"))?;
         }
     }
     Ok(())
 }
 
-fn proc(root: &Path) -> Result<()> {
-    let target = inside(root, Path::new("/proc"));
+/// The mount point `path` inside the root as a path for mount(2): its descriptor's.
+fn point(root: BorrowedFd, path: &Path, kind: in_root::Kind) -> Result<(OwnedFd, PathBuf)> {
+    let fd = in_root::mount_point(root, path, kind, if kind == in_root::Kind::Directory { 0o755 } else { 0o644 })
+        .with_context(|| format!("the mount point {} in the container", path.display()))?;
+    let via = PathBuf::from(in_root::fd_path(&fd));
+    Ok((fd, via))
+}
+
+fn proc(root: BorrowedFd) -> Result<()> {
+    let Some(target) = dir_in_root(root, "/proc") else { bail!("the root has no /proc directory") };
+    let target = PathBuf::from(in_root::fd_path(&target));
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mnt(Some("proc"), &target, Some("proc"), flags, None)?;
+    mnt(Some("proc"), &target, Some("proc"), flags, None).context("on /proc")?;
+    // A fresh descriptor: the one above is of the directory under the new mount.
+    let proc = in_root::open(root, Path::new("/proc"), libc::O_PATH | libc::O_DIRECTORY)?;
     for path in READ_ONLY {
-        let p = inside(root, Path::new(path));
-        if p.exists() {
+        let rel = Path::new(path.trim_start_matches("/proc/"));
+        if let Ok(p) = in_root::open(proc.as_fd(), rel, libc::O_PATH) {
+            let p = PathBuf::from(in_root::fd_path(&p));
             bind(&p, &p, MsFlags::MS_REC)?;
-            remount_bind_read_only(&p, flags)?;
+            // The bind's own root now (a descriptor opened before names what it covers).
+            let bound = in_root::open(proc.as_fd(), rel, libc::O_PATH)?;
+            let attrs = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC;
+            sys::mount_setattr_fd(&bound, attrs).with_context(|| format!("making {path} read-only"))?;
         }
     }
     Ok(())
 }
 
-fn sys(root: &Path, private_network: bool) -> Result<()> {
-    let target = inside(root, Path::new("/sys"));
+fn sys(root: BorrowedFd, private_network: bool) -> Result<()> {
+    let Some(target) = dir_in_root(root, "/sys") else { bail!("the root has no /sys directory") };
+    let target = PathBuf::from(in_root::fd_path(&target));
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
     // sysfs can be mounted only by the owner of the network namespace; with the host's network
     // the host's /sys is bound read-only instead.
     if !private_network || mount(Some("sysfs"), &target, Some("sysfs"), flags, None::<&str>).is_err() {
         bind(Path::new("/sys"), &target, MsFlags::MS_REC)?;
-        sys::mount_setattr_recursive(&target, sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID)
-            .context("making /sys read-only")?;
+        let sys = in_root::open(root, Path::new("/sys"), libc::O_PATH | libc::O_DIRECTORY)?;
+        sys::mount_setattr_fd(&sys, sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID).context("making /sys read-only")?;
     } else {
-        let cgroup = target.join("fs/cgroup");
-        // The container's own cgroup (its cgroup namespace's root), read-only.
-        let _ = mount(Some("cgroup2"), &cgroup, Some("cgroup2"), flags, None::<&str>);
+        let sys = in_root::open(root, Path::new("/sys"), libc::O_PATH | libc::O_DIRECTORY)?;
+        if let Ok(cgroup) = in_root::open(sys.as_fd(), Path::new("fs/cgroup"), libc::O_PATH | libc::O_DIRECTORY) {
+            // The container's own cgroup (its cgroup namespace's root), read-only.
+            let _ = mount(Some("cgroup2"), Path::new(&in_root::fd_path(&cgroup)), Some("cgroup2"), flags, None::<&str>);
+        }
     }
     for path in MASKED {
-        mask(&inside(root, Path::new(path)))?;
+        if let Ok(p) = in_root::open(root, Path::new(path), libc::O_PATH | libc::O_NOFOLLOW) {
+            mask(&p)?;
+        }
     }
     Ok(())
 }
 
 /// Hides a file behind /dev/null, a directory behind an empty read-only tmpfs.
-fn mask(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => mnt(Some("tmpfs"), path, Some("tmpfs"), MsFlags::MS_RDONLY, Some("size=0,mode=0")),
-        Ok(_) => bind(Path::new("/dev/null"), path, MsFlags::empty()),
+fn mask(fd: &OwnedFd) -> Result<()> {
+    let path = PathBuf::from(in_root::fd_path(fd));
+    match fs::metadata(&path) {
+        Ok(m) if m.is_dir() => mnt(Some("tmpfs"), &path, Some("tmpfs"), MsFlags::MS_RDONLY, Some("size=0,mode=0")),
+        Ok(_) => bind(Path::new("/dev/null"), &path, MsFlags::empty()),
         Err(_) => Ok(()),
     }
 }
 
-fn dev(root: &Path, layout: &Layout) -> Result<()> {
-    let dev = inside(root, Path::new("/dev"));
-    mnt(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=65536k"))?;
+fn dev(root: BorrowedFd, layout: &Layout) -> Result<()> {
+    let Some(target) = dir_in_root(root, "/dev") else { bail!("the root has no /dev directory") };
+    let target = PathBuf::from(in_root::fd_path(&target));
+    mnt(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=65536k"))?;
+    // Our own, fresh tmpfs from here: nothing of the root's is in it.
+    let dev_fd = in_root::open(root, Path::new("/dev"), libc::O_PATH | libc::O_DIRECTORY)?;
+    let dev = PathBuf::from(in_root::fd_path(&dev_fd));
     for node in DEV_NODES {
         bind_node(&Path::new("/dev").join(node), &dev.join(node))?;
     }
@@ -215,7 +247,8 @@ fn dev(root: &Path, layout: &Layout) -> Result<()> {
         symlink(target, dev.join(link))?;
     }
     for (source, path) in layout.devices {
-        bind_node(source, &inside(root, path))?;
+        let (_fd, via) = point(root, path, in_root::Kind::File)?;
+        bind(source, &via, MsFlags::empty())?;
     }
     Ok(())
 }
@@ -242,29 +275,20 @@ fn open_bind_sources(binds: &[Bind]) -> Result<Vec<(&Bind, std::fs::File)>> {
     Ok(opened)
 }
 
-fn user_bind(root: &Path, b: &Bind, source: &std::fs::File) -> Result<()> {
+fn user_bind(root: BorrowedFd, b: &Bind, source: &std::fs::File) -> Result<()> {
     use std::os::fd::AsRawFd;
     let via = PathBuf::from(format!("/proc/self/fd/{}", source.as_raw_fd()));
     let source_meta = fs::metadata(&via).with_context(|| format!("Bind source {}", b.source.display()))?;
-    let target = inside(root, &b.destination);
-    if !target.exists() {
-        let made = if source_meta.is_dir() {
-            fs::create_dir_all(&target)
-        } else {
-            target.parent().map(fs::create_dir_all).transpose().and_then(|_| fs::File::create(&target).map(drop))
-        };
-        made.with_context(|| {
-            format!(
-                "creating the mount point {} for Bind={} (is the root read-only?)",
-                b.destination.display(),
-                b.source.display()
-            )
-        })?;
-    }
+    let kind = if source_meta.is_dir() { in_root::Kind::Directory } else { in_root::Kind::File };
+    let (_target, target) = point(root, &b.destination, kind).with_context(|| {
+        format!("Bind={}:{} (is the root read-only, or not writable by the container's root?)", b.source.display(), b.destination.display())
+    })?;
     mount(Some(&via), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
         .with_context(|| format!("binding {} to {}", b.source.display(), b.destination.display()))?;
     if b.read_only {
-        sys::mount_setattr_recursive(&target, sys::MOUNT_ATTR_RDONLY)
+        // The descriptor above is of the mount point under the bind: the bind's own root.
+        let bound = in_root::open(root, &b.destination, libc::O_PATH)?;
+        sys::mount_setattr_fd(&bound, sys::MOUNT_ATTR_RDONLY)
             .with_context(|| format!("making {} read-only", b.destination.display()))?;
     }
     Ok(())

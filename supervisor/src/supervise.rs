@@ -7,6 +7,7 @@ use crate::cgroup::Cgroup;
 use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
 use crate::live::Live;
+use crate::terminal::Terminal;
 use crate::node_modes::FollowedNode;
 use crate::{capabilities, control, devcgroup, idmap, log, seccomp, signals, sys, systemd, watch};
 use anyhow::{Context, Result};
@@ -90,7 +91,8 @@ pub fn run(
         no_new_privileges: c.no_new_privileges,
         seccomp: seccomp::compile(&c.seccomp, &capabilities)?,
         init: c.init,
-        console: nix::unistd::ttyname(std::io::stdin().as_fd()).ok(),
+        console: None,
+        terminal: None,
         hooks_barrier: false,
         driver: None,
     };
@@ -101,13 +103,18 @@ pub fn run(
     if plan.user_namespace {
         check_reachable(&plan, owner)?;
     }
+    let mut terminal = Terminal::for_stdin(owner)?;
+    if let Some(t) = &terminal {
+        plan.console = Some(t.slave_path.clone());
+        plan.terminal = t.slave.as_ref().map(AsRawFd::as_raw_fd);
+    }
     let mut run_dir = RuntimeDir::create(&d.name)?;
     if let Some(files) = driver {
         plan.driver = Some((files, run_dir.scratch("driver")?));
     }
     // Only for the devices of the start: later ones are staged by the mount helper.
     let staging = if selection.nodes.is_empty() { None } else { Some(Staging::new(&run_dir.path, owner)?) };
-    let result = run_staged(d, &mut plan, selection, start_devices, staging.as_ref(), owner, mode);
+    let result = run_staged(d, &mut plan, selection, start_devices, staging.as_ref(), owner, terminal.as_mut(), mode);
     if let Some(staging) = staging {
         staging.remove();
     }
@@ -121,6 +128,7 @@ fn run_staged(
     start_devices: Vec<gpubox_control::Device>,
     staging: Option<&Staging>,
     owner: u32,
+    mut terminal: Option<&mut Terminal>,
     mode: &Mode,
 ) -> Result<i32> {
     let threads = signals::other_threads();
@@ -190,6 +198,10 @@ fn run_staged(
         child::run(plan, go_read, err_write);
     }
     drop((go_read, err_write));
+    if let Some(t) = terminal.as_deref_mut() {
+        t.slave = None;
+        t.make_raw();
+    }
     let child = Pid::from_raw(pid);
     let mount_ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok().map(std::os::fd::OwnedFd::from);
     let cleanup = cg_cleanup;
@@ -301,7 +313,10 @@ fn run_staged(
     }
 
     let control = listener.as_ref().map(|l| (l, &live));
-    let (status, stopping) = wait(child, &signals, control, cgroup.as_ref(), mode)?;
+    let (status, stopping) = wait(child, &signals, control, terminal.as_deref_mut(), cgroup.as_ref(), mode)?;
+    if let Some(t) = terminal {
+        t.drain();
+    }
     {
         let mut live = live.lock().expect("live state lock");
         live.state = "stopping";
@@ -474,6 +489,7 @@ fn wait(
     child: Pid,
     signals: &SignalFd,
     control: Option<(&control::Listener, &control::Shared)>,
+    mut terminal: Option<&mut Terminal>,
     cgroup: Option<&Cgroup>,
     mode: &Mode,
 ) -> Result<(WaitStatus, bool)> {
@@ -488,6 +504,13 @@ fn wait(
         let mut fds = vec![nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN)];
         if let Some((listener, _)) = control {
             fds.push(nix::poll::PollFd::new(listener.as_fd(), nix::poll::PollFlags::POLLIN));
+        }
+        let control_fds = fds.len();
+        let terminal_fds: Vec<i32> =
+            terminal.as_ref().map(|t| t.poll_fds().iter().map(|f| f.as_raw_fd()).collect()).unwrap_or_default();
+        for &fd in &terminal_fds {
+            // SAFETY: the terminal's descriptors stay open while it lives, past this poll.
+            fds.push(nix::poll::PollFd::new(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, nix::poll::PollFlags::POLLIN));
         }
         match nix::poll::poll(&mut fds, timeout) {
             Ok(0) => {
@@ -509,6 +532,13 @@ fn wait(
                 listener.accept(live);
             }
         }
+        if let Some(t) = terminal.as_deref_mut() {
+            for (fd, raw) in fds[control_fds..].iter().zip(&terminal_fds) {
+                if ready(fd) {
+                    t.pump(*raw);
+                }
+            }
+        }
         if !ready(&fds[0]) {
             continue;
         }
@@ -519,6 +549,11 @@ fn wait(
                 status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok((status, stopping)),
                 _ => continue,
             }
+        }
+        if let (Signal::SIGWINCH, Some(t)) = (sig, terminal.as_deref()) {
+            // The container's terminal takes the new size; the kernel tells the payload.
+            t.resize();
+            continue;
         }
         let _ = signal::kill(child, sig);
         if matches!(sig, Signal::SIGTERM | Signal::SIGINT) && !stopping {

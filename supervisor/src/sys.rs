@@ -55,6 +55,8 @@ struct MountAttr {
 
 pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 
 /// Sets mount attributes on `path` and, recursively, on every mount below it — which
 /// mount(MS_REMOUNT) cannot do.

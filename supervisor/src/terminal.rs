@@ -1,0 +1,150 @@
+//! The payload's terminal. A payload must never hold the caller's terminal: with it, a
+//! container could push input into the shell that started it (`TIOCSTI`), which runs it as
+//! host root once the container is gone. So the payload always starts a session of its own
+//! (`setsid` in the child), and when gpubox runs from a terminal the container gets a
+//! pseudo-terminal of its own, which the supervisor relays to and from the caller's, as
+//! `systemd-nspawn`, `podman run -t` and `runc` do. Without a terminal there is none at all.
+//!
+//! The caller's terminal is put in raw mode while relaying (the container's pty does the line
+//! editing and signals: ^C reaches the payload as SIGINT from its own terminal) and restored
+//! however the supervisor ends but SIGKILL. Its window size is followed on SIGWINCH.
+
+use anyhow::{Context, Result};
+use nix::sys::termios::{self, SetArg, Termios};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+
+pub struct Terminal {
+    master: std::fs::File,
+    /// The container's end, given to the child as its stdin, stdout, stderr and controlling
+    /// terminal, and bound as its `/dev/console`; closed here once the child has it, so that
+    /// the container's end of file reaches us.
+    pub slave: Option<OwnedFd>,
+    pub slave_path: PathBuf,
+    saved: Option<Termios>,
+    /// Each direction stops at its end of file.
+    input_open: bool,
+    output_open: bool,
+}
+
+nix::ioctl_read_bad!(get_winsize, libc::TIOCGWINSZ, libc::winsize);
+nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, libc::winsize);
+
+impl Terminal {
+    /// A pseudo-terminal for the container if our stdin is a terminal; its slave is owned by
+    /// `owner` (the container's root on the host), as a login's terminal is its user's.
+    pub fn for_stdin(owner: u32) -> Result<Option<Terminal>> {
+        let stdin = std::io::stdin();
+        if !nix::unistd::isatty(stdin.as_fd()).unwrap_or(false) {
+            return Ok(None);
+        }
+        let pty = nix::pty::openpty(None, None).context("allocating a pseudo-terminal for the container")?;
+        let slave_path = nix::unistd::ttyname(pty.slave.as_fd()).context("naming the container's terminal")?;
+        nix::unistd::fchown(&pty.slave, Some(owner.into()), Some((owner + 5).into()))
+            .context("giving the container its terminal")?;
+        for fd in [pty.master.as_fd(), pty.slave.as_fd()] {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+        }
+        nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+        let terminal = Terminal {
+            master: std::fs::File::from(pty.master),
+            slave: Some(pty.slave),
+            slave_path,
+            saved: None,
+            input_open: true,
+            output_open: true,
+        };
+        terminal.resize();
+        Ok(Some(terminal))
+    }
+
+    /// Raw mode on the caller's terminal, until this is dropped.
+    pub fn make_raw(&mut self) {
+        let stdin = std::io::stdin();
+        if let Ok(saved) = termios::tcgetattr(stdin.as_fd()) {
+            let mut raw = saved.clone();
+            termios::cfmakeraw(&mut raw);
+            if termios::tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw).is_ok() {
+                self.saved = Some(saved);
+            }
+        }
+    }
+
+    /// Gives the container's terminal the caller's window size (the kernel then sends the
+    /// payload's foreground process group SIGWINCH).
+    pub fn resize(&self) {
+        let mut size: libc::winsize = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCGWINSZ fills the winsize it is given; TIOCSWINSZ reads one.
+        unsafe {
+            if get_winsize(std::io::stdin().as_raw_fd(), &mut size).is_ok() {
+                let _ = set_winsize(self.master.as_raw_fd(), &size);
+            }
+        }
+    }
+
+    /// The descriptors to wait on: the container's output, and the caller's input while open.
+    pub fn poll_fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = Vec::new();
+        if self.output_open {
+            fds.push(self.master.as_fd());
+        }
+        if self.input_open {
+            // SAFETY: stdin stays open for the supervisor's life.
+            fds.push(unsafe { BorrowedFd::borrow_raw(libc::STDIN_FILENO) });
+        }
+        fds
+    }
+
+    /// Moves what is there in either direction; `fd` is the one that is ready.
+    pub fn pump(&mut self, fd: i32) {
+        let mut buf = [0u8; 8192];
+        if fd == self.master.as_raw_fd() {
+            self.copy_output(&mut buf);
+        } else if fd == libc::STDIN_FILENO {
+            match std::io::stdin().lock().read(&mut buf) {
+                Ok(0) | Err(_) => self.input_open = false,
+                Ok(n) => {
+                    // The container's input queue is large; a payload that reads nothing
+                    // only loses what does not fit, and the caller is never blocked.
+                    let _ = self.master.write(&buf[..n]);
+                }
+            }
+        }
+    }
+
+    /// Whatever the container wrote and was not relayed yet (after its end, too).
+    pub fn drain(&mut self) {
+        let mut buf = [0u8; 8192];
+        while self.output_open && self.copy_output(&mut buf) {}
+    }
+
+    /// One read of the container's output onto our stdout; whether there was any.
+    fn copy_output(&mut self, buf: &mut [u8]) -> bool {
+        match self.master.read(buf) {
+            Ok(0) => {
+                self.output_open = false;
+                false
+            }
+            Ok(n) => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&buf[..n]).and_then(|_| out.flush());
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            // EIO: every holder of the container's end has closed it.
+            Err(_) => {
+                self.output_open = false;
+                false
+            }
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = termios::tcsetattr(std::io::stdin().as_fd(), SetArg::TCSANOW, saved);
+        }
+    }
+}

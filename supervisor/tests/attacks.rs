@@ -1,0 +1,195 @@
+//! Issue #12, the security review: each test is an attack the audit made, written as the
+//! attack (from inside the container where it came from inside), and what must hold instead.
+//! Privileged, as container.rs.
+
+use std::fs;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+/// A root of our own: busybox, with the directories the container's mounts need.
+fn busybox_root(parent: &Path) -> PathBuf {
+    let root = parent.join("root");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (tests/install-deps installs busybox-static)");
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    // As in every image: anyone may write in /tmp.
+    fs::set_permissions(root.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    root
+}
+
+/// Critical: `ioctl(0, TIOCSTI, …)` pushed a command into the terminal the container inherited,
+/// and the caller's shell ran it as root once the container was gone. The supervisor runs
+/// here in a terminal session of its own, as from a shell; the payload tries TIOCSTI on each
+/// of its standard descriptors. Nothing may reach the caller's terminal, and `/dev/console`
+/// inside is not the caller's terminal.
+#[test]
+fn terminal_injection_cannot_reach_the_callers_terminal() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("tiocsti.py");
+    fs::write(
+        &script,
+        r#"import fcntl, os, termios
+for fd in (0, 1, 2):
+    try:
+        for c in b"echo INJECTED\n":
+            fcntl.ioctl(fd, termios.TIOCSTI, bytes([c]))
+        print("pushed", fd)
+    except OSError as e:
+        print("refused", fd, e.errno)
+if os.path.exists("/dev/console"):
+    print("console=%d:%d" % (os.major(os.stat("/dev/console").st_rdev), os.minor(os.stat("/dev/console").st_rdev)))
+else:
+    print("console=none")
+"#,
+    )
+    .unwrap();
+    let def = definition(
+        dir.path(),
+        "tiocsti",
+        &format!("[Container]\nExec=/usr/bin/env python3 /tmp/tiocsti.py\nBindReadOnly={}:/tmp/tiocsti.py\n", script.display()),
+    );
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = pty.slave.as_raw_fd();
+    let rdev = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(nix::unistd::ttyname(&pty.slave).unwrap()).unwrap().rdev()
+    };
+    let mut command = Command::new(SUPERVISOR);
+    command.args(["run", "--definition"]).arg(&def).env_remove("INVOCATION_ID");
+    // SAFETY: between fork and exec, only async-signal-safe calls: a new session whose
+    // controlling terminal is the pty, as a login shell has.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setsid();
+            libc::ioctl(slave, libc::TIOCSCTTY, 0);
+            for fd in 0..3 {
+                libc::dup2(slave, fd);
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    // Read what the container writes while it runs (the terminal's buffer is small).
+    let master = pty.master;
+    let output = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut file = fs::File::from(master);
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = file.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&out).contains("payload exited") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20), "the supervisor hung");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let shown = output.join().unwrap();
+    // What is waiting to be read on the caller's terminal: its shell would run it.
+    nix::fcntl::fcntl(&pty.slave, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+    let mut pending = [0u8; 4096];
+    let n = nix::unistd::read(&pty.slave, &mut pending).unwrap_or(0);
+    let pending = String::from_utf8_lossy(&pending[..n]);
+    assert!(!pending.contains("INJECTED"), "the container pushed input into the caller's terminal: {pending:?}\n{shown}");
+    assert!(shown.contains("console="), "{shown}");
+    let console = format!("console={}:{}", libc::major(rdev), libc::minor(rdev));
+    assert!(!shown.contains(&console), "/dev/console is the caller's terminal: {shown}");
+}
+
+/// High: a descriptor the caller left open (`exec 7</` before the start) let the payload read
+/// and write host files from its own root (CVE-2024-21626 class).
+#[test]
+fn inherited_descriptors_do_not_reach_the_payload() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = busybox_root(dir.path());
+    let def = definition(
+        dir.path(),
+        "leak",
+        &format!(
+            "[Container]\nRootDirectory={}\nExec=/bin/busybox sh -c 'echo fds=$(/bin/busybox ls /proc/self/fd | /bin/busybox tr \"\\n\" \" \"); /bin/busybox cat /proc/self/fd/7/etc/hostname && echo escaped=yes'\n",
+            root.display()
+        ),
+    );
+    let host_root = fs::File::open("/").unwrap();
+    let fd = host_root.as_raw_fd();
+    let mut command = Command::new(SUPERVISOR);
+    command.args(["run", "--definition"]).arg(&def).env_remove("INVOCATION_ID").stdin(Stdio::null());
+    // SAFETY: dup2 to a fixed number without close-on-exec, as a shell's `exec 7</` leaves it.
+    unsafe {
+        command.pre_exec(move || {
+            libc::dup2(fd, 7);
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("escaped=yes"), "{stdout}");
+    // 0–2, and the directory `ls` itself reads.
+    assert_eq!(stdout.lines().find_map(|l| l.strip_prefix("fds=")).map(str::trim), Some("0 1 2 3"), "{stdout}");
+}
+
+/// Medium: a symlink left in the root (`/data/work -> /some/host/dir`) made the next start create
+/// a host directory as root and mount elsewhere than asked. The first start's payload leaves
+/// the link; the second start binds below it. Nothing may be made on the host, and the bind
+/// lands inside the root.
+#[test]
+fn symlinks_in_the_root_cannot_redirect_mounts() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = busybox_root(dir.path());
+    let data = root.join("data");
+    fs::create_dir(&data).unwrap();
+    // The container's root may write here.
+    fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let host_target = dir.path().join("host-only/dir");
+    let source = dir.path().join("source");
+    fs::create_dir(&source).unwrap();
+    fs::write(source.join("marker"), "bound").unwrap();
+    let leave = definition(
+        dir.path(),
+        "leave",
+        &format!("[Container]\nRootDirectory={}\nExec=/bin/busybox ln -s {} /data/work\n", root.display(), host_target.display()),
+    );
+    assert_eq!(run_file(&leave, &[]).code, 0);
+    assert!(fs::symlink_metadata(data.join("work")).unwrap().file_type().is_symlink());
+    let follow = definition(
+        dir.path(),
+        "follow",
+        &format!(
+            "[Container]\nRootDirectory={}\nBindReadOnly={}:/data/work/sub\nExec=/bin/busybox cat /data/work/sub/marker\n",
+            root.display(),
+            source.display()
+        ),
+    );
+    let r = run_file(&follow, &[]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(r.out, "bound");
+    assert!(!dir.path().join("host-only").exists(), "a directory was made on the host");
+    assert!(root.join(host_target.strip_prefix("/").unwrap()).join("sub").is_dir(), "made inside the root");
+    // And again: the link, now resolvable inside, leads to the same place.
+    assert_eq!(run_file(&follow, &[]).code, 0);
+}
