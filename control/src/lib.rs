@@ -16,6 +16,7 @@ pub const INTERFACE: &str = "org.gpubox.Container1";
 pub const PATH: &str = "/org/gpubox/Container";
 pub const RUN_DIR: &str = "/run/gpubox";
 
+pub mod locks;
 pub mod run_dir;
 
 pub fn socket_path(name: &str) -> PathBuf {
@@ -129,6 +130,8 @@ pub fn running() -> Vec<String> {
         .flatten()
         .flatten()
         .filter(|e| e.path().join("control").exists())
+        // A socket left by a SIGKILLed supervisor is not a running container (root can tell).
+        .filter(|e| locks::held(&e.file_name().to_string_lossy()) != Some(false))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();

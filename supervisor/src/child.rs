@@ -2,6 +2,7 @@
 //! Runs in the forked child of a single-threaded supervisor. Every failure is written to the
 //! error pipe, with the exit code the supervisor will report, and the child exits.
 
+use crate::accounts::Account;
 use crate::capabilities;
 use crate::rootfs::{self, Layout};
 use crate::sys;
@@ -90,7 +91,11 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
         }
         // SAFETY: TIOCSCTTY takes an int argument (0: do not steal); fd 0 is the pty's slave.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
-            return Err(anyhow!("making the container's terminal its controlling terminal: {}", std::io::Error::last_os_error()).into());
+            return Err(anyhow!(
+                "making the container's terminal its controlling terminal: {}",
+                std::io::Error::last_os_error()
+            )
+            .into());
         }
     }
     // Nothing the caller had open reaches the payload: only stdin, stdout, stderr and the
@@ -208,45 +213,16 @@ fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| anyhow!("'{s}' contains a NUL byte"))
 }
 
-struct Account {
-    uid: u32,
-    gid: u32,
-    groups: Vec<u32>,
-    home: String,
-}
-
-/// Resolves `User=` in the container's own /etc/passwd and /etc/group.
+/// Resolves `User=` in the container's own /etc/passwd and /etc/group (accounts.rs).
 fn resolve_user(user: Option<&User>) -> Result<Account, Failure> {
-    let root = Account { uid: 0, gid: 0, groups: vec![], home: "/root".into() };
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let entry = |pred: &dyn Fn(&[&str]) -> bool| -> Option<(u32, u32, String, String)> {
-        passwd
-            .lines()
-            .map(|l| l.split(':').collect::<Vec<_>>())
-            .find(|f| f.len() >= 6 && pred(f))
-            .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?, f[0].to_owned(), f[5].to_owned())))
-    };
-    let (uid, gid, name, home) = match user {
-        None => return Ok(root),
-        Some(User::Name(n)) => entry(&|f| f[0] == n)
-            .ok_or_else(|| Failure(SETUP_FAILED, anyhow!("User={n}: no such user in the container's /etc/passwd")))?,
-        Some(User::Id { uid, gid }) => match entry(&|f| f[2] == uid.to_string()) {
-            Some((u, g, name, home)) => (u, gid.unwrap_or(g), name, home),
-            None => (*uid, gid.unwrap_or(*uid), String::new(), "/".into()),
-        },
-    };
-    let groups = std::fs::read_to_string("/etc/group")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 4 && !name.is_empty() && f[3].split(',').any(|m| m == name))
-                .then(|| f[2].parse().ok())
-                .flatten()
-        })
-        .chain(std::iter::once(gid))
-        .collect();
-    Ok(Account { uid, gid, groups, home })
+    if user.is_none() {
+        return crate::accounts::resolve(None, "", "").map_err(|e| Failure(SETUP_FAILED, anyhow!(e)));
+    }
+    let root = File::open("/").context("opening the container's root")?;
+    let root = std::os::fd::AsFd::as_fd(&root);
+    let read = |file| crate::accounts::read(root, file).map_err(|e| Failure(SETUP_FAILED, anyhow!(e)));
+    let (passwd, group) = (read("/etc/passwd")?, read("/etc/group")?);
+    crate::accounts::resolve(user, &passwd, &group).map_err(|e| Failure(SETUP_FAILED, anyhow!(e)))
 }
 
 fn environment(plan: &Plan, account: &Account) -> Vec<(String, String)> {

@@ -48,21 +48,14 @@ pub fn host_mode(node: &Node, spec: &NodeAccess) -> Option<u32> {
 /// The group a container's devices belong to: `User=`'s group, looked up in the container's
 /// own /etc/passwd where only a name or uid is given; root's without `User=`.
 pub fn device_group(user: Option<&gpubox_definition::User>, root: Option<&Path>) -> u32 {
-    use gpubox_definition::User;
-    let passwd = || std::fs::read_to_string(root.unwrap_or(Path::new("/")).join("etc/passwd")).unwrap_or_default();
-    let lookup = |matches: &dyn Fn(&[&str]) -> bool| {
-        passwd()
-            .lines()
-            .map(|l| l.split(':').collect::<Vec<_>>())
-            .find(|f| f.len() > 3 && matches(f))
-            .and_then(|f| f[3].parse().ok())
-    };
-    match user {
-        None => 0,
-        Some(User::Id { gid: Some(g), .. }) => *g,
-        Some(User::Id { uid, gid: None }) => lookup(&|f| f[2] == uid.to_string()).unwrap_or(*uid),
-        Some(User::Name(n)) => lookup(&|f| f[0] == n).unwrap_or(0),
+    if user.is_none() {
+        return 0;
     }
+    let passwd = std::fs::File::open(root.unwrap_or(Path::new("/")))
+        .ok()
+        .and_then(|r| crate::accounts::read(std::os::fd::AsFd::as_fd(&r), "/etc/passwd").ok())
+        .unwrap_or_default();
+    crate::accounts::primary_group(user, &passwd)
 }
 
 #[derive(Clone)]

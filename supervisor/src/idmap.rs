@@ -1,14 +1,14 @@
 //! User-namespace id ranges. Each container with `UserNamespace=private` gets 65536 host ids
-//! that no other running gpubox container holds. The reservation is an abstract unix socket
-//! bound for the supervisor's lifetime: the kernel releases it when the supervisor exits, even
-//! by SIGKILL, so there is nothing to clean up and nothing to go stale.
+//! that no other running gpubox container holds. The reservation is a root-only lock held for
+//! the supervisor's lifetime (`gpubox_control::locks`): the kernel releases it when the
+//! supervisor exits, even by SIGKILL, so there is nothing to clean up and nothing to go stale,
+//! and no unprivileged process can take one.
 //!
 //! The first candidate is derived from the name, so a container gets the same ids across
 //! restarts (files it wrote stay its own) unless another container holds them.
 
 use anyhow::{bail, Context, Result};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener};
+use gpubox_control::locks::{try_lock, Lock};
 
 pub const SIZE: u32 = 65536;
 const FIRST: u32 = 0x4000_0000;
@@ -16,7 +16,7 @@ const SLOTS: u32 = 4096;
 
 pub struct IdRange {
     pub host_base: u32,
-    _reservation: UnixListener,
+    _reservation: Lock,
 }
 
 pub fn reserve(name: &str) -> Result<IdRange> {
@@ -28,11 +28,9 @@ pub fn reserve(name: &str) -> Result<IdRange> {
         if taken.iter().any(|&(b, n)| base < b.saturating_add(n) && b < base + SIZE) {
             continue;
         }
-        let addr = SocketAddr::from_abstract_name(format!("gpubox/idrange/{base}"))?;
-        match UnixListener::bind_addr(&addr) {
-            Ok(reservation) => return Ok(IdRange { host_base: base, _reservation: reservation }),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
-            Err(e) => return Err(e).context("reserving a user-namespace id range"),
+        match try_lock(&format!("idrange-{base}")).context("reserving a user-namespace id range")? {
+            Some(reservation) => return Ok(IdRange { host_base: base, _reservation: reservation }),
+            None => continue,
         }
     }
     bail!("no free user-namespace id range: {SLOTS} containers are running")
@@ -56,12 +54,10 @@ fn subordinate_ranges() -> Vec<(u32, u32)> {
 
 /// Held while a container of this name runs: a second supervisor for the same name would
 /// share its runtime directory and control socket. Released by the kernel, as above.
-pub fn claim_name(name: &str) -> Result<UnixListener> {
-    let addr = SocketAddr::from_abstract_name(format!("gpubox/name/{name}"))?;
-    UnixListener::bind_addr(&addr).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AddrInUse => anyhow::anyhow!("a container named {name} is already running"),
-        _ => anyhow::Error::new(e).context("claiming the container's name"),
-    })
+pub fn claim_name(name: &str) -> Result<Lock> {
+    try_lock(&format!("name-{name}"))
+        .context("claiming the container's name")?
+        .ok_or_else(|| anyhow::anyhow!("a container named {name} is already running"))
 }
 
 fn fnv1a(s: &str) -> u32 {

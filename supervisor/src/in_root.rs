@@ -44,7 +44,13 @@ pub fn open(root: BorrowedFd, path: &Path, flags: libc::c_int) -> io::Result<Own
     // SAFETY: c is NUL-terminated, how is a valid open_how of the size passed; the result is
     // a new descriptor or -1.
     let fd = unsafe {
-        libc::syscall(libc::SYS_openat2, root.as_raw_fd(), c.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -148,7 +154,11 @@ fn link_target(fd: &OwnedFd) -> io::Result<Option<std::path::PathBuf>> {
     if n < 0 {
         let e = io::Error::last_os_error();
         // Not a symlink.
-        return if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
     buf.truncate(n as usize);
     Ok(Some(std::path::PathBuf::from(std::ffi::OsString::from_vec(buf))))
@@ -227,7 +237,10 @@ mod tests {
         // The link led to the same path inside the root: made there, nothing outside.
         assert!(root.path().join(outside.path().strip_prefix("/").unwrap()).join("x").is_dir());
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
-        assert_eq!(std::fs::read_link(fd_path(&fd)).unwrap(), root.path().join(outside.path().strip_prefix("/").unwrap()).join("x"));
+        assert_eq!(
+            std::fs::read_link(fd_path(&fd)).unwrap(),
+            root.path().join(outside.path().strip_prefix("/").unwrap()).join("x")
+        );
         // A dangling link: what it names is made, inside.
         std::os::unix::fs::symlink("/nowhere/at/all", root.path().join("dangling")).unwrap();
         mount_point(r.as_fd_borrowed(), Path::new("/dangling"), Kind::Directory, 0o755).unwrap();

@@ -1,6 +1,7 @@
 //! `gpubox-supervisor`: the main process of `gpu@NAME.service`, or a foreground container
 //! runner without systemd (`run --definition FILE`), like bwrap or systemd-nspawn.
 
+mod accounts;
 mod capabilities;
 mod cgroup;
 mod child;

@@ -4,12 +4,12 @@
 //! with only the standard nodes, a new devpts instance, the GPU nodes, the binds, and finally
 //! `pivot_root` with the old root detached.
 
+use crate::in_root;
 use crate::sys;
 use anyhow::{bail, Context, Result};
 use gpubox_definition::Bind;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use crate::in_root;
 use nix::fcntl::OFlag;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::fs;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::symlink;
@@ -132,8 +132,14 @@ fn scratch_tmpfs(root: BorrowedFd) -> Result<()> {
     for dir in ["/tmp", "/run", "/var/tmp"] {
         if let Some(target) = dir_in_root(root, dir) {
             let mode = if dir == "/run" { "mode=755" } else { "mode=1777" };
-            mnt(Some("tmpfs"), Path::new(&in_root::fd_path(&target)), Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(mode))
-                .with_context(|| format!("on {dir}"))?;
+            mnt(
+                Some("tmpfs"),
+                Path::new(&in_root::fd_path(&target)),
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(mode),
+            )
+            .with_context(|| format!("on {dir}"))?;
         }
     }
     Ok(())
@@ -161,7 +167,8 @@ fn proc(root: BorrowedFd) -> Result<()> {
             bind(&p, &p, MsFlags::MS_REC)?;
             // The bind's own root now (a descriptor opened before names what it covers).
             let bound = in_root::open(proc.as_fd(), rel, libc::O_PATH)?;
-            let attrs = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC;
+            let attrs =
+                sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC;
             sys::mount_setattr_fd(&bound, attrs).with_context(|| format!("making {path} read-only"))?;
         }
     }
@@ -177,7 +184,8 @@ fn sys(root: BorrowedFd, private_network: bool) -> Result<()> {
     if !private_network || mount(Some("sysfs"), &target, Some("sysfs"), flags, None::<&str>).is_err() {
         bind(Path::new("/sys"), &target, MsFlags::MS_REC)?;
         let sys = in_root::open(root, Path::new("/sys"), libc::O_PATH | libc::O_DIRECTORY)?;
-        sys::mount_setattr_fd(&sys, sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID).context("making /sys read-only")?;
+        sys::mount_setattr_fd(&sys, sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID)
+            .context("making /sys read-only")?;
     } else {
         let sys = in_root::open(root, Path::new("/sys"), libc::O_PATH | libc::O_DIRECTORY)?;
         if let Ok(cgroup) = in_root::open(sys.as_fd(), Path::new("fs/cgroup"), libc::O_PATH | libc::O_DIRECTORY) {
@@ -281,7 +289,11 @@ fn user_bind(root: BorrowedFd, b: &Bind, source: &std::fs::File) -> Result<()> {
     let source_meta = fs::metadata(&via).with_context(|| format!("Bind source {}", b.source.display()))?;
     let kind = if source_meta.is_dir() { in_root::Kind::Directory } else { in_root::Kind::File };
     let (_target, target) = point(root, &b.destination, kind).with_context(|| {
-        format!("Bind={}:{} (is the root read-only, or not writable by the container's root?)", b.source.display(), b.destination.display())
+        format!(
+            "Bind={}:{} (is the root read-only, or not writable by the container's root?)",
+            b.source.display(),
+            b.destination.display()
+        )
     })?;
     mount(Some(&via), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
         .with_context(|| format!("binding {} to {}", b.source.display(), b.destination.display()))?;

@@ -7,8 +7,8 @@ use crate::cgroup::Cgroup;
 use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
 use crate::live::Live;
-use crate::terminal::Terminal;
 use crate::node_modes::FollowedNode;
+use crate::terminal::Terminal;
 use crate::{capabilities, control, devcgroup, idmap, log, seccomp, signals, sys, systemd, watch};
 use anyhow::{Context, Result};
 use gpubox_definition::{Bind, Definition, Network, UserNamespace};
@@ -108,17 +108,28 @@ pub fn run(
         plan.console = Some(t.slave_path.clone());
         plan.terminal = t.slave.as_ref().map(AsRawFd::as_raw_fd);
     }
-    let mut run_dir = RuntimeDir::create(&d.name)?;
+    let mut run_dir = RuntimeDir::create(&d.name, mode.systemd)?;
     if let Some(files) = driver {
         plan.driver = Some((files, run_dir.scratch("driver")?));
     }
     // Only for the devices of the start: later ones are staged by the mount helper.
     let staging = if selection.nodes.is_empty() { None } else { Some(Staging::new(&run_dir.path, owner)?) };
-    let result = run_staged(d, &mut plan, selection, start_devices, staging.as_ref(), owner, terminal.as_mut(), mode);
+    let host = HostSide { staging: staging.as_ref(), owner, terminal: terminal.as_mut() };
+    let result = run_staged(d, &mut plan, selection, start_devices, host, mode);
     if let Some(staging) = staging {
         staging.remove();
     }
     result
+}
+
+/// What the supervisor made on the host's side for the container before its start.
+struct HostSide<'a> {
+    /// The staging tmpfs of the start's device nodes.
+    staging: Option<&'a Staging>,
+    /// The host id of the container's root (0 without a user namespace).
+    owner: u32,
+    /// The container's own terminal, when run from one.
+    terminal: Option<&'a mut Terminal>,
 }
 
 fn run_staged(
@@ -126,11 +137,10 @@ fn run_staged(
     plan: &mut Plan,
     selection: &Selection,
     start_devices: Vec<gpubox_control::Device>,
-    staging: Option<&Staging>,
-    owner: u32,
-    mut terminal: Option<&mut Terminal>,
+    host: HostSide,
     mode: &Mode,
 ) -> Result<i32> {
+    let HostSide { staging, owner, mut terminal } = host;
     let threads = signals::other_threads();
     if !threads.is_empty() {
         anyhow::bail!("the supervisor has other threads before the clone ({}); refusing to fork", threads.join(", "));
@@ -442,9 +452,15 @@ impl RuntimeDir {
         std::path::Path::new(gpubox_control::RUN_DIR).join(name)
     }
 
-    fn create(name: &str) -> Result<RuntimeDir> {
+    /// Called with the container's name claimed: standalone, a directory already there was
+    /// left by a supervisor that was killed (SIGKILL skips all cleanup), and is made anew.
+    fn create(name: &str, systemd: bool) -> Result<RuntimeDir> {
         use gpubox_control::run_dir;
         let path = RuntimeDir::path(name);
+        if !systemd && std::fs::symlink_metadata(&path).is_ok() {
+            log::info(&format!("removing {}, left by a supervisor that was killed", path.display()));
+            std::fs::remove_dir_all(&path).with_context(|| format!("removing the stale {}", path.display()))?;
+        }
         let mut created = Vec::new();
         for (d, mode) in [(path.parent().expect("has a parent"), run_dir::BASE_MODE), (&path, run_dir::CONTAINER_MODE)]
         {
@@ -510,7 +526,10 @@ fn wait(
             terminal.as_ref().map(|t| t.poll_fds().iter().map(|f| f.as_raw_fd()).collect()).unwrap_or_default();
         for &fd in &terminal_fds {
             // SAFETY: the terminal's descriptors stay open while it lives, past this poll.
-            fds.push(nix::poll::PollFd::new(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, nix::poll::PollFlags::POLLIN));
+            fds.push(nix::poll::PollFd::new(
+                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+                nix::poll::PollFlags::POLLIN,
+            ));
         }
         match nix::poll::poll(&mut fds, timeout) {
             Ok(0) => {

@@ -58,7 +58,10 @@ else:
     let def = definition(
         dir.path(),
         "tiocsti",
-        &format!("[Container]\nExec=/usr/bin/env python3 /tmp/tiocsti.py\nBindReadOnly={}:/tmp/tiocsti.py\n", script.display()),
+        &format!(
+            "[Container]\nExec=/usr/bin/env python3 /tmp/tiocsti.py\nBindReadOnly={}:/tmp/tiocsti.py\n",
+            script.display()
+        ),
     );
     let pty = nix::pty::openpty(None, None).unwrap();
     let slave = pty.slave.as_raw_fd();
@@ -109,7 +112,10 @@ else:
     let mut pending = [0u8; 4096];
     let n = nix::unistd::read(&pty.slave, &mut pending).unwrap_or(0);
     let pending = String::from_utf8_lossy(&pending[..n]);
-    assert!(!pending.contains("INJECTED"), "the container pushed input into the caller's terminal: {pending:?}\n{shown}");
+    assert!(
+        !pending.contains("INJECTED"),
+        "the container pushed input into the caller's terminal: {pending:?}\n{shown}"
+    );
     assert!(shown.contains("console="), "{shown}");
     let console = format!("console={}:{}", libc::major(rdev), libc::minor(rdev));
     assert!(!shown.contains(&console), "/dev/console is the caller's terminal: {shown}");
@@ -172,7 +178,11 @@ fn symlinks_in_the_root_cannot_redirect_mounts() {
     let leave = definition(
         dir.path(),
         "leave",
-        &format!("[Container]\nRootDirectory={}\nExec=/bin/busybox ln -s {} /data/work\n", root.display(), host_target.display()),
+        &format!(
+            "[Container]\nRootDirectory={}\nExec=/bin/busybox ln -s {} /data/work\n",
+            root.display(),
+            host_target.display()
+        ),
     );
     assert_eq!(run_file(&leave, &[]).code, 0);
     assert!(fs::symlink_metadata(data.join("work")).unwrap().file_type().is_symlink());
@@ -192,4 +202,126 @@ fn symlinks_in_the_root_cannot_redirect_mounts() {
     assert!(root.join(host_target.strip_prefix("/").unwrap()).join("sub").is_dir(), "made inside the root");
     // And again: the link, now resolvable inside, leads to the same place.
     assert_eq!(run_file(&follow, &[]).code, 0);
+}
+
+/// Medium: `/etc/passwd -> /dev/zero` in the root with `User=NAME` made the supervisor read
+/// 2 GB before it failed. It is refused at once, naming the file.
+#[test]
+fn account_files_are_read_bounded_and_never_from_a_device() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = busybox_root(dir.path());
+    std::os::unix::fs::symlink("/dev/zero", root.join("etc/passwd")).unwrap();
+    let def = definition(
+        dir.path(),
+        "zero",
+        &format!("[Container]\nRootDirectory={}\nUser=nobody\nExec=/bin/busybox true\n", root.display()),
+    );
+    let t = Instant::now();
+    let r = run_file(&def, &[]);
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert_eq!(r.code, 125);
+    assert!(r.err.contains("/etc/passwd in the container: /etc/passwd is not a regular file"), "{}", r.err);
+}
+
+/// Medium: any local user (uid 65534) bound the abstract sockets that reserved names and id
+/// ranges: "a container named … is already running", "no free user-namespace id range".
+/// The squatter binds all of them; the container still starts, and the user cannot take the
+/// locks that reserve them now.
+#[test]
+fn a_local_user_cannot_squat_names_or_id_ranges() {
+    if !privileged() {
+        return;
+    }
+    let name = format!("squat{}", std::process::id());
+    let squatter = format!(
+        r#"import os, socket, sys, time
+held = []
+for addr in ["gpubox/name/{name}"] + ["gpubox/idrange/%d" % (0x40000000 + i * 65536) for i in range(4096)]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind("\0" + addr); held.append(s)
+    except OSError:
+        pass
+try:
+    open("/run/gpubox/.locks/name-{name}", "a")
+    print("lock=taken", flush=True)
+except OSError as e:
+    print("lock=refused", flush=True)
+print("squatting", len(held), flush=True)
+time.sleep(30)
+"#
+    );
+    let mut command = Command::new("python3");
+    command.args(["-c", &squatter]).stdout(Stdio::piped());
+    // SAFETY: only setgroups/setgid/setuid between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let none: [libc::gid_t; 0] = [];
+            if libc::setgroups(0, none.as_ptr()) != 0 || libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // The lock directory exists once any container ran; make sure it does.
+    assert_eq!(run("[Container]\nExec=/bin/true\n").code, 0);
+    let mut squatter = command.spawn().unwrap();
+    let mut out = std::io::BufReader::new(squatter.stdout.take().unwrap());
+    let mut lines = String::new();
+    for _ in 0..2 {
+        std::io::BufRead::read_line(&mut out, &mut lines).unwrap();
+    }
+    assert!(lines.contains("lock=refused") && lines.contains("squatting 4097"), "{lines}");
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_file(&definition(dir.path(), &name, "[Container]\nExec=/bin/true\n"), &[]);
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert_eq!(r.code, 0, "{}", r.err);
+}
+
+/// Low: after a SIGKILL of a standalone supervisor, `/run/gpubox/NAME/{control,devices}` stayed:
+/// `gpuboxctl list` showed a ghost and `gpuboxctl hotplug` failed on it. Now the ghost is not
+/// listed, hotplug passes it by, and the next start of that name cleans up after it.
+#[test]
+fn a_killed_supervisor_leaves_no_ghost() {
+    if !privileged() {
+        return;
+    }
+    let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
+    let name = format!("ghost{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let def = definition(dir.path(), &name, "[Container]\nExec=sleep 60\n");
+    let mut sup =
+        Command::new(SUPERVISOR).args(["run", "--definition"]).arg(&def).stderr(Stdio::null()).spawn().unwrap();
+    let control = Path::new("/run/gpubox").join(&name).join("control");
+    let t = Instant::now();
+    while !control.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sup.kill().unwrap();
+    sup.wait().unwrap();
+    assert!(control.exists(), "SIGKILL skips the cleanup (the premise of this test)");
+    let list = Command::new(&ctl).args(["list", "--json"]).env("GPUBOX_DEFINITIONS_PATH", dir.path()).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    let entry: serde_json::Value = serde_json::from_str::<serde_json::Value>(&list)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name.as_str())
+        .cloned()
+        .unwrap_or_default();
+    assert_ne!(entry["state"], "running", "{list}");
+    let hotplug = Command::new(&ctl).args(["hotplug", "add", "/dev/null"]).output().unwrap();
+    let err = String::from_utf8_lossy(&hotplug.stderr);
+    assert!(!err.contains(&name), "{err}");
+    // The next start (a short one) removes what was left, and its own stop leaves nothing.
+    fs::write(&def, "[Container]\nExec=/bin/true\n").unwrap();
+    let r = run_file(&def, &[]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(!Path::new("/run/gpubox").join(&name).exists(), "the runtime directory is gone");
 }
