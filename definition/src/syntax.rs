@@ -25,6 +25,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Assignment>, Error> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let syntax = |line: usize, message: String| Error::Syntax { path: path.to_owned(), line, message };
 
+    // systemd ends a line at a carriage return or NUL too: one inside a value would start a
+    // new line for systemd (`Description=x\r[Service]\rExecStartPre=…`) that this parser
+    // never saw. No control character but tab has a meaning in a definition, so each is an
+    // error (a Windows line end, CR LF, is a line end as `str::lines` reads it).
+    for (i, line) in text.lines().enumerate() {
+        if let Some(c) = line.chars().find(|&c| c.is_control() && c != '\t') {
+            let name = match c {
+                '\r' => " (carriage return)".to_owned(),
+                '\0' => " (NUL)".to_owned(),
+                _ => String::new(),
+            };
+            return Err(syntax(
+                i + 1,
+                format!("control character U+{:04X}{name} in the line; definitions are text", c as u32),
+            ));
+        }
+    }
+
     let mut out = Vec::new();
     let mut section: Option<String> = None;
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
@@ -95,6 +113,23 @@ mod tests {
 
     fn p(text: &str) -> Result<Vec<Assignment>, Error> {
         parse(Path::new("t.gpubox"), text)
+    }
+
+    #[test]
+    fn control_characters_are_refused_with_their_line() {
+        // The audit's attack: a second line for systemd that gpubox would not have checked.
+        let e = p("[Unit]\nDescription=x\r[Service]\rExecStartPre=/bin/sh -c id\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.gpubox:2: control character U+000D (carriage return) in the line; definitions are text"
+        );
+        assert!(p("[Unit]\nDescription=a\0b\n")
+            .unwrap_err()
+            .to_string()
+            .contains("t.gpubox:2: control character U+0000 (NUL)"));
+        assert!(p("[Unit]\nDescription=a\x1bb\n").is_err());
+        // Tabs and Windows line ends are text.
+        assert_eq!(p("[Unit]\r\nDescription=a\tb\r\n").unwrap()[0].value, "a\tb");
     }
 
     #[test]

@@ -350,14 +350,62 @@ pub fn qualified(kind: &str, name: &str) -> String {
 
 /// Reads and checks one spec file; the error starts with the file's path.
 pub fn load_spec(path: &Path) -> Result<Spec, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_SPEC_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     parse_spec(path, &text)
+}
+
+/// Larger than any vendor's spec (NVIDIA's for 8 GPUs with every library is ~60 KB). Specs are
+/// read at every start, attach and hotplug event: their cost must be bounded.
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+/// Deeper than any spec's real structure (about 5); a deeply nested document took the YAML
+/// parser a minute.
+pub const MAX_SPEC_DEPTH: usize = 32;
+
+/// The deepest nesting of flow collections (`[`, `{`) outside quotes; block-style nesting is
+/// bounded by the size (each level is at least one more column).
+fn flow_depth(text: &str) -> usize {
+    let (mut depth, mut max, mut quote) = (0usize, 0usize, None::<char>);
+    let mut escaped = false;
+    for c in text.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' && q == '"' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '"' | '\'' => quote = Some(c),
+                '[' | '{' => {
+                    depth += 1;
+                    max = max.max(depth);
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+    }
+    max
 }
 
 /// Parses and checks a spec's text; `path`'s extension picks JSON (`.json`) or YAML (anything
 /// else). The error starts with `path`.
 pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, String> {
     let file = path.display();
+    if text.len() as u64 > MAX_SPEC_BYTES {
+        return Err(format!("{file}: larger than {MAX_SPEC_BYTES} bytes; not read"));
+    }
+    if flow_depth(text) > MAX_SPEC_DEPTH {
+        return Err(format!("{file}: nested deeper than {MAX_SPEC_DEPTH} levels; not read"));
+    }
     let raw: RawSpec = if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(text).map_err(|e| format!("{file}: not a valid CDI spec (JSON): {e}"))?
     } else {
@@ -405,6 +453,7 @@ fn convert_edits(raw: RawEdits) -> Result<ContainerEdits, String> {
         let host = nonempty(m.host_path).ok_or_else(|| format!("mount {}: hostPath is missing", i + 1))?;
         let container =
             nonempty(m.container_path).ok_or_else(|| format!("mount {}: containerPath is missing", i + 1))?;
+        container_path(&container).map_err(|e| format!("mount {}: containerPath {e}", i + 1))?;
         edits.mounts.push(Mount {
             host_path: host.into(),
             container_path: container.into(),
@@ -427,6 +476,7 @@ fn convert_edits(raw: RawEdits) -> Result<ContainerEdits, String> {
 
 fn convert_node(n: RawNode) -> Result<DeviceNode, String> {
     let path: PathBuf = nonempty(n.path).ok_or("path is missing")?.into();
+    container_path(&path.to_string_lossy()).map_err(|e| format!("path {e}"))?;
     let host_path = nonempty(n.host_path).map(PathBuf::from).unwrap_or_else(|| path.clone());
     let at = path.display();
     let kind = match nonempty(n.kind).as_deref() {
@@ -462,6 +512,18 @@ fn convert_node(n: RawNode) -> Result<DeviceNode, String> {
         uid: n.uid,
         gid: n.gid,
     })
+}
+
+/// A path inside the container, as `Bind=` destinations are: absolute, without `..`.
+fn container_path(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(format!("{path:?} is not absolute"));
+    }
+    if p.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(format!("{path:?} contains '..'"));
+    }
+    Ok(())
 }
 
 fn convert_hook(h: RawHook) -> Result<Hook, String> {
@@ -1027,6 +1089,30 @@ mod tests {
         assert!(e.contains("device \"bad name\""), "{e}");
         let e = spec("/x/n.yaml", "cdiVersion: 0.5.0\nkind: a.com/b\ndevices:\n- name: x\n- name: x\n").unwrap_err();
         assert!(e.contains("defined twice"), "{e}");
+    }
+
+    /// The audit's attacks: paths that lead out of the root, a spec nested 100 000 deep.
+    #[test]
+    fn paths_stay_in_the_root_and_specs_are_bounded() {
+        let bad = |edits: &str| {
+            spec(
+                "x.yaml",
+                &format!("cdiVersion: 0.6.0\nkind: a.com/b\ndevices: [{{name: d, containerEdits: {edits}}}]\n"),
+            )
+            .unwrap_err()
+        };
+        assert!(bad("{mounts: [{hostPath: /a, containerPath: /../../etc/x}]}")
+            .contains("containerPath \"/../../etc/x\" contains '..'"));
+        assert!(bad("{mounts: [{hostPath: /a, containerPath: relative}]}").contains("is not absolute"));
+        assert!(bad("{deviceNodes: [{path: /dev/../../x}]}").contains("path \"/dev/../../x\" contains '..'"));
+        let deep =
+            format!("cdiVersion: 0.6.0\nkind: a.com/b\ndevices: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let t = std::time::Instant::now();
+        assert!(spec("x.yaml", &deep).unwrap_err().contains("nested deeper than 32 levels"));
+        assert!(t.elapsed() < std::time::Duration::from_millis(100), "{:?}", t.elapsed());
+        assert!(spec("x.yaml", &" ".repeat(2 << 20)).unwrap_err().contains("larger than"));
+        // Brackets in quoted strings are text.
+        assert_eq!(flow_depth(r#"a: "[[[[" b: '{{{' c: [ {d: 1} ]"#), 2);
     }
 
     #[test]

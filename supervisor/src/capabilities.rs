@@ -54,8 +54,9 @@ pub fn limit_bounding(keep: &CapsHashSet) -> Result<()> {
 pub fn set_for_root(keep: &CapsHashSet) -> Result<()> {
     caps::set(None, CapSet::Effective, keep)?;
     caps::set(None, CapSet::Permitted, keep)?;
-    caps::set(None, CapSet::Inheritable, keep)?;
-    // Ambient capabilities stay empty: root's capabilities across exec come from the bounding set.
+    // Inheritable and ambient stay empty (CVE-2022-24769): root's capabilities across exec come
+    // from the bounding set, and a file's inheritable capabilities must not add to them.
+    caps::clear(None, CapSet::Inheritable)?;
     caps::clear(None, CapSet::Ambient)?;
     Ok(())
 }

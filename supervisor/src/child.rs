@@ -148,6 +148,8 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
         load_seccomp(plan)?;
     }
     capabilities::limit_bounding(&plan.capabilities).context("reducing the capability bounding set")?;
+    // Empty for every user: a non-root payload keeps the inheritable set across setuid.
+    caps::clear(None, caps::CapSet::Inheritable).context("clearing the inheritable capabilities")?;
     if account.uid != 0 {
         let groups: Vec<Gid> = account.groups.iter().map(|&g| Gid::from_raw(g)).collect();
         nix::unistd::setgroups(&groups).context("setting supplementary groups")?;

@@ -39,6 +39,11 @@ pub const DENIED: &[(&str, Option<Capability>)] = {
         ("init_module", Some(CAP_SYS_MODULE)),
         ("ioperm", Some(CAP_SYS_RAWIO)),
         ("iopl", Some(CAP_SYS_RAWIO)),
+        // The io_uring interface has been the way around seccomp and the source of many
+        // kernel escapes; Docker's profile denies it too.
+        ("io_uring_enter", None),
+        ("io_uring_register", None),
+        ("io_uring_setup", None),
         ("kcmp", Some(CAP_SYS_PTRACE)),
         ("kexec_file_load", Some(CAP_SYS_BOOT)),
         ("kexec_load", Some(CAP_SYS_BOOT)),
@@ -90,6 +95,15 @@ const CLONE_NAMESPACE_FLAGS: [libc::c_int; 7] = [
     libc::CLONE_NEWNET,
     libc::CLONE_NEWCGROUP,
 ];
+
+/// personality(2) flags that weaken the payload's own protections (ADDR_NO_RANDOMIZE turns
+/// off ASLR, READ_IMPLIES_EXEC makes data executable, MMAP_PAGE_ZERO maps page 0, …). Docker's
+/// profile allows only the plain personalities; this denies each of these flags instead, so
+/// `personality(0xffffffff)` (a query) and the 32-bit `linux32` still work.
+const PERSONALITY_FLAGS: [u64; 9] =
+    [0x0040000, 0x0100000, 0x0200000, 0x0400000, 0x0800000, 0x1000000, 0x2000000, 0x4000000, 0x8000000];
+/// Set in the query value only (0xffffffff); no real personality has it.
+const PERSONALITY_QUERY_BIT: u64 = 0x8000_0000;
 
 /// A compiled classic-BPF program, or none for `Seccomp=unconfined`.
 pub fn compile(setting: &Seccomp, caps: &CapsHashSet) -> Result<Option<Vec<u8>>> {
@@ -188,6 +202,11 @@ fn default_profile(caps: &CapsHashSet) -> Result<ScmpFilterContext> {
         let flag = flag as u64;
         let set = ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(flag), flag);
         ctx.add_rule_conditional(eperm, ScmpSyscall::from_name("clone")?, &[set])?;
+    }
+    for flag in PERSONALITY_FLAGS {
+        // The flag set and the query bit clear: one comparison of the one argument.
+        let set = ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(flag | PERSONALITY_QUERY_BIT), flag);
+        ctx.add_rule_conditional(eperm, ScmpSyscall::from_name("personality")?, &[set])?;
     }
     // clone3 passes its flags in memory, which seccomp cannot read: it says ENOSYS and libc
     // falls back to clone, as under Docker.

@@ -325,3 +325,32 @@ fn a_killed_supervisor_leaves_no_ghost() {
     assert_eq!(r.code, 0, "{}", r.err);
     assert!(!Path::new("/run/gpubox").join(&name).exists(), "the runtime directory is gone");
 }
+
+/// Low: inheritable capabilities were left set (CVE-2022-24769 class); `io_uring_setup` and
+/// `personality(ADDR_NO_RANDOMIZE)` were allowed. Checked from inside, as root and as a user.
+#[test]
+fn no_inheritable_capabilities_no_io_uring_no_aslr_off() {
+    if !privileged() {
+        return;
+    }
+    let script = r#"
+echo inh=$(grep CapInh /proc/self/status | cut -f2)
+python3 - <<'PY'
+import ctypes, ctypes.util, os
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)
+r = libc.syscall(425, 8, params)
+print("io_uring=%s" % ("errno%d" % ctypes.get_errno() if r < 0 else "allowed"))
+r = libc.personality(0x0040000)
+print("aslr_off=%s" % ("errno%d" % ctypes.get_errno() if r < 0 else "allowed"))
+print("query=%s" % ("ok" if libc.personality(0xffffffff) >= 0 else "refused"))
+PY
+"#;
+    for user in ["", "User=65534\n"] {
+        let r = inside(user, script);
+        assert_eq!(value(&r, "inh"), "0000000000000000", "{user}{}", r.err);
+        assert_eq!(value(&r, "io_uring"), "errno1", "{user}");
+        assert_eq!(value(&r, "aslr_off"), "errno1", "{user}");
+        assert_eq!(value(&r, "query"), "ok", "{user}");
+    }
+}
