@@ -134,20 +134,48 @@ impl Listener {
         std::os::fd::AsFd::as_fd(&self.listener)
     }
 
-    /// Accepts the clients that are waiting, each served on a thread of its own.
+    /// Accepts the clients that are waiting, each served on a thread of its own, at most
+    /// [`MAX_PEERS`] at once: idle connections cannot pile up threads without end.
     pub fn accept(&self, live: &Shared) {
         while let Ok((stream, _)) = self.listener.accept() {
             if !allowed(&stream, self.group) {
                 log::warn("refused a control connection from a peer that is not root");
                 continue;
             }
+            let Some(slot) = PeerSlot::take() else {
+                log::warn(&format!("refused a control connection: {MAX_PEERS} are open"));
+                continue;
+            };
             let live = live.clone();
             let _ = std::thread::Builder::new().name("control-peer".into()).spawn(move || {
+                let _slot = slot;
                 if let Err(e) = serve_peer(stream, live) {
                     log::warn(&format!("control connection: {e:#}"));
                 }
             });
         }
+    }
+}
+
+/// More than any real use (gpuboxctl opens one per command, udev one per event).
+pub const MAX_PEERS: usize = 64;
+
+/// One of the [`MAX_PEERS`] connections; given back when dropped.
+struct PeerSlot;
+
+static OPEN_PEERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl PeerSlot {
+    fn take() -> Option<PeerSlot> {
+        use std::sync::atomic::Ordering;
+        OPEN_PEERS.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_PEERS).then_some(n + 1)).ok()?;
+        Some(PeerSlot)
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        OPEN_PEERS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

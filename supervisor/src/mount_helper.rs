@@ -19,6 +19,7 @@
 //! HOSTPATH) or `unbind PATH`, answered `ok` or `error MESSAGE`.
 
 use crate::devices::Access;
+use crate::in_root::{self, Kind};
 use crate::sys;
 use anyhow::{bail, Context, Result};
 use gpubox_devices::Node;
@@ -28,10 +29,13 @@ use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{chown, setfsgid, setfsuid, Gid, Uid};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+/// How long a request may take (they take about a millisecond).
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The descriptor on which the helper gets the container's mount namespace.
 const HELPER_NS_FD: i32 = 3;
@@ -101,6 +105,22 @@ impl MountHelper {
     }
 
     fn answer(&mut self) -> Result<()> {
+        // Every answer comes within the timeout, or the helper is stopped: a request must never
+        // hold the container's lock (and with it status, attach and the supervisor's stop) for
+        // ever, whatever the payload put in its way.
+        if !self.answers.buffer().contains(&b'\n') {
+            let fd = self.answers.get_ref().as_fd();
+            let mut poll = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            let ready = nix::poll::poll(
+                &mut poll,
+                nix::poll::PollTimeout::try_from(ANSWER_TIMEOUT).unwrap_or(nix::poll::PollTimeout::MAX),
+            );
+            if !matches!(ready, Ok(n) if n > 0) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("the mount helper did not answer within {ANSWER_TIMEOUT:?}; it was stopped");
+            }
+        }
         let mut line = String::new();
         if self.answers.read_line(&mut line).context("reading the mount helper's answer")? == 0 {
             bail!("the mount helper ended");
@@ -203,21 +223,18 @@ impl Helper {
             sys::mount_setattr_fd(&tree, sys::MOUNT_ATTR_RDONLY)
                 .with_context(|| format!("making {} read-only", source.display()))?;
         }
-        let is_dir = source.is_dir();
+        let kind = if source.is_dir() { Kind::Directory } else { Kind::File };
         setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
-        let made = self.as_container_root(|| {
-            if target.exists() {
-                return Ok(false);
-            }
-            if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {} in the container", parent.display()))?;
-            }
-            if is_dir { fs::create_dir(target) } else { File::create(target).map(drop) }
-                .with_context(|| format!("creating the mount point {} in the container", target.display()))?;
-            Ok(true)
+        // Inside the root, by descriptor: the payload controls every path in it.
+        let (point, made) = self.as_container_root(|| {
+            let root = File::open("/").context("opening the container's root")?;
+            let existed = in_root::open(root.as_fd(), target, libc::O_PATH).is_ok();
+            let point =
+                in_root::mount_point(root.as_fd(), target, kind, if kind == Kind::Directory { 0o755 } else { 0o644 })
+                    .with_context(|| format!("the mount point {} in the container", target.display()))?;
+            Ok((point, !existed))
         })?;
-        if let Err(e) = sys::move_mount_to(&tree, target) {
+        if let Err(e) = sys::move_mount_onto(&tree, &point) {
             if made {
                 let _ = self.remove_inside(target);
             }
@@ -256,18 +273,14 @@ impl Helper {
         let tree = sys::open_tree_clone(&source).with_context(|| format!("cloning {}", source.display()))?;
         // setns leaves us at the namespace's root, which is the container's `/`.
         setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
-        self.as_container_root(|| {
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {} in the container", parent.display()))?;
-            }
-            if !path.exists() {
-                File::create(path)
-                    .with_context(|| format!("creating the mount point {} in the container", path.display()))?;
-            }
-            Ok(())
+        // Inside the root, by descriptor: a FIFO or a link the payload put at the node's path
+        // is refused or stays inside, and nothing here can block on it.
+        let point = self.as_container_root(|| {
+            let root = File::open("/").context("opening the container's root")?;
+            in_root::mount_point(root.as_fd(), path, Kind::File, 0o644)
+                .with_context(|| format!("the mount point {} in the container", path.display()))
         })?;
-        sys::move_mount_to(&tree, path).with_context(|| format!("mounting {} in the container", path.display()))
+        sys::move_mount_onto(&tree, &point).with_context(|| format!("mounting {} in the container", path.display()))
     }
 
     fn detach(&self, path: &Path) -> Result<()> {

@@ -3,8 +3,8 @@
 //! mode a little later, and the container's node must follow (see `watch`).
 //!
 //! The supervisor changes the node inside itself, through a descriptor of the very inode it
-//! mounted (`O_PATH`, opened through `/proc/PID/root` right after the mount, and checked to be
-//! that character device): no request to the mount helper, and no path the container could
+//! mounted (`O_PATH`, opened inside the root `/proc/PID/root` names, right after the mount,
+//! and checked to be that character device): no request to the mount helper, and no path the container could
 //! redirect later. The mode given is always the host node's own, so even a descriptor that
 //! somehow named the host's node would change nothing.
 
@@ -29,9 +29,16 @@ impl FollowedNode {
         if spec.mode.is_some() {
             return None;
         }
-        let path = format!("/proc/{pid}/root{}", node.path.display());
-        let file =
-            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_NOFOLLOW).open(path).ok()?;
+        // Resolved inside the container's root, every component: an absolute symlink the
+        // payload put on the way would otherwise be resolved from the host's root.
+        let root = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(format!("/proc/{pid}/root"))
+            .ok()?;
+        let file = std::fs::File::from(
+            crate::in_root::open(std::os::fd::AsFd::as_fd(&root), &node.path, libc::O_PATH | libc::O_NOFOLLOW).ok()?,
+        );
         let meta = file.metadata().ok()?;
         let same = meta.file_type().is_char_device()
             && libc::major(meta.rdev()) as u32 == node.major

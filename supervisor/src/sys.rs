@@ -146,20 +146,21 @@ pub fn open_tree_clone_recursive(path: &std::path::Path) -> io::Result<std::os::
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) })
 }
 
-/// Attaches a detached mount (from [`open_tree_clone`]) at `target` in the current namespace.
-pub fn move_mount_to(tree: &std::os::fd::OwnedFd, target: &std::path::Path) -> io::Result<()> {
+const MOVE_MOUNT_T_EMPTY_PATH: u32 = 0x40;
+
+/// Attaches a detached mount (from [`open_tree_clone`]) on the file or directory that `target`
+/// (an `O_PATH` descriptor) is: no path is resolved, so nothing can redirect it.
+pub fn move_mount_onto(tree: &std::os::fd::OwnedFd, target: &std::os::fd::OwnedFd) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let c = cpath(target)?;
-    // SAFETY: tree is an open mount fd, the empty path with F_EMPTY_PATH names it, c is
-    // NUL-terminated.
+    // SAFETY: both are open descriptors named by empty paths with the EMPTY_PATH flags.
     let r = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
             tree.as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
         )
     };
     if r < 0 {

@@ -85,28 +85,29 @@ else:
     }
     let mut child = command.spawn().unwrap();
     // Read what the container writes while it runs (the terminal's buffer is small).
-    let master = pty.master;
-    let output = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let mut file = fs::File::from(master);
+    let master = fs::File::from(pty.master);
+    nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+    let mut shown = Vec::new();
+    let read_some = |shown: &mut Vec<u8>| {
         let mut buf = [0u8; 4096];
-        while let Ok(n) = file.read(&mut buf) {
+        while let Ok(n) = (&master).read(&mut buf) {
             if n == 0 {
                 break;
             }
-            out.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&out).contains("payload exited") {
-                break;
-            }
+            shown.extend_from_slice(&buf[..n]);
         }
-        String::from_utf8_lossy(&out).into_owned()
-    });
+    };
     let t = Instant::now();
     while child.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < Duration::from_secs(20), "the supervisor hung");
+        read_some(&mut shown);
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the supervisor hung: {}", String::from_utf8_lossy(&shown));
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let shown = output.join().unwrap();
+    read_some(&mut shown);
+    let shown = String::from_utf8_lossy(&shown).into_owned();
     // What is waiting to be read on the caller's terminal: its shell would run it.
     nix::fcntl::fcntl(&pty.slave, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
     let mut pending = [0u8; 4096];

@@ -43,10 +43,10 @@ echo lo=$(cat /sys/class/net/lo/operstate)
     assert_eq!(value(&r, "pid"), "1", "the payload is PID 1");
     assert!(value(&r, "hostname").starts_with(&format!("t{}-", std::process::id())), "the name is the hostname");
     // Docker's default set: chown dac_override fowner fsetid kill setgid setuid setpcap
-    // net_bind_service net_raw sys_chroot mknod audit_write setfcap.
+    // net_bind_service net_raw sys_chroot mknod audit_write setfcap; none inheritable.
     assert_eq!(
         value(&r, "status"),
-        "CapInh:00000000a80425fb CapPrm:00000000a80425fb CapEff:00000000a80425fb CapBnd:00000000a80425fb CapAmb:0000000000000000 NoNewPrivs:1 Seccomp:2"
+        "CapInh:0000000000000000 CapPrm:00000000a80425fb CapEff:00000000a80425fb CapBnd:00000000a80425fb CapAmb:0000000000000000 NoNewPrivs:1 Seccomp:2"
     );
     let uidmap: Vec<u64> = value(&r, "uidmap").split_whitespace().map(|n| n.parse().unwrap()).collect();
     assert_eq!((uidmap[0], uidmap[2]), (0, 65536), "container root maps to 65536 host ids");

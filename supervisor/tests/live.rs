@@ -372,3 +372,84 @@ fn nodes_follow_their_host_nodes_mode() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Issue #12, medium: a FIFO the payload put at a CDI node's path hung `gpuboxctl attach`, then
+/// `status`, then the supervisor's stop, for ever. The attach is refused at once, naming it,
+/// and everything else still answers.
+#[test]
+fn a_fifo_at_a_nodes_path_cannot_hang_the_container() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Container::start("live-fifo");
+    assert_eq!(c.inside("mkdir -p /dev/dri && mkfifo /dev/dri/standin1 && echo made"), "made");
+    let t = Instant::now();
+    let (code, _, err) = c.ctl(&["attach", "live-fifo", "cdi:example.com/gpu=b"]);
+    assert!(t.elapsed() < Duration::from_secs(8), "attach took {:?}", t.elapsed());
+    assert_ne!(code, 0);
+    assert!(err.contains("/dev/dri/standin1 is a FIFO"), "{err}");
+    assert_eq!(c.ctl(&["status", "live-fifo"]).0, 0, "status still answers");
+    let t = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.supervisor.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    c.supervisor.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(8), "stop took {:?}", t.elapsed());
+}
+
+/// Issue #12, low: the supervisor's mode-following descriptor was opened through a directory
+/// the payload had replaced with a symlink to a host path (resolved from the host's root), and
+/// chmodded a host file with the node's device numbers. It stays inside the container.
+#[test]
+fn mode_following_cannot_be_led_to_a_host_file() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start("live-lead");
+    // A host file with the stand-in node's numbers, where the payload's link points.
+    let decoy_dir = c.dir.path().join("decoy");
+    fs::create_dir(&decoy_dir).unwrap();
+    let decoy = decoy_dir.join("standin1");
+    nix::sys::stat::mknod(
+        &decoy,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(10, 229),
+    )
+    .unwrap();
+    fs::set_permissions(&decoy, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let link = format!("rm -rf /dev/dri && ln -s {} /dev/dri && echo linked", decoy_dir.display());
+    assert_eq!(c.inside(&link), "linked");
+    let (code, _, err) = c.ctl(&["attach", "live-lead", "cdi:example.com/gpu=b"]);
+    assert_eq!(code, 0, "{err}");
+    // The host node's mode changes; the container's node follows, and nothing else does.
+    fs::set_permissions(c.dir.path().join("s1"), std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let t = Instant::now();
+    while c.inside("stat -c %a /dev/dri/standin1") != "666" {
+        assert!(t.elapsed() < Duration::from_secs(5), "not followed: {}", c.inside("stat -c %a /dev/dri/standin1"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&decoy).unwrap().permissions().mode() & 0o777, 0o600, "a host file was chmodded");
+}
+
+/// Issue #12, low: 500 idle control connections made 522 threads. Connections are capped; once
+/// the idle ones go, the container answers again.
+#[test]
+fn idle_control_connections_are_capped() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start("live-idle");
+    let socket = Path::new("/run/gpubox/live-idle/control");
+    let idle: Vec<std::os::unix::net::UnixStream> =
+        (0..500).filter_map(|_| std::os::unix::net::UnixStream::connect(socket).ok()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let threads = fs::read_dir(format!("/proc/{}/task", c.supervisor.id())).unwrap().count();
+    assert!(threads <= 80, "{threads} threads for {} idle connections", idle.len());
+    drop(idle);
+    let t = Instant::now();
+    while c.ctl(&["status", "live-idle"]).0 != 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "status does not answer again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
