@@ -7,6 +7,7 @@ mod load;
 mod model;
 pub mod selector;
 pub mod syntax;
+pub mod timespan;
 pub mod words;
 
 pub use error::Error;

@@ -104,6 +104,24 @@ pub struct Gpu {
     pub optional: bool,
     pub hotplug: bool,
     pub driver_libraries: bool,
+    /// `Count=`: take this many of the GPUs the selectors match (all GPUs without a selector),
+    /// chosen at start among those no other container holds exclusively.
+    pub count: Option<u32>,
+    /// `Exclusive=` as written; [`Gpu::exclusive`] applies its default.
+    pub exclusive_setting: Option<bool>,
+    /// `AllocationTimeout=`: how long a start waits for enough free GPUs (`None`, the
+    /// default: for ever, as a job queue waits; `0`: not at all).
+    pub allocation_timeout: Option<std::time::Duration>,
+    /// `NUMA=`: bind the container's CPUs and memory to its GPUs' NUMA nodes.
+    pub numa: bool,
+}
+
+impl Gpu {
+    /// Whether no other container may be given this container's GPUs while it runs: as
+    /// written, else yes with `Count=` and no without.
+    pub fn exclusive(&self) -> bool {
+        self.exclusive_setting.unwrap_or(self.count.is_some())
+    }
 }
 
 impl Container {
@@ -196,6 +214,12 @@ pub(crate) fn build(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> Result<
             }
         });
     }
+    if d.gpu.count.is_some() && d.gpu.hotplug {
+        return Err(Error::Definition {
+            path: files.first().map(|(p, _)| p.clone()).unwrap_or_default(),
+            message: "[GPU] Count= and Hotplug=yes do not go together: a job keeps the GPUs it was given".into(),
+        });
+    }
     Ok(d)
 }
 
@@ -215,7 +239,7 @@ fn is_single_valued(section: &str, key: &str) -> bool {
                 | "Seccomp"
                 | "NoNewPrivileges"
                 | "Init"
-        ) | ("GPU", "Optional" | "Hotplug" | "DriverLibraries")
+        ) | ("GPU", "Optional" | "Hotplug" | "DriverLibraries" | "Count" | "Exclusive" | "AllocationTimeout" | "NUMA")
     )
 }
 
@@ -389,6 +413,25 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
         ("GPU", "Optional") => d.gpu.optional = !empty && k.boolean()?,
         ("GPU", "Hotplug") => d.gpu.hotplug = !empty && k.boolean()?,
         ("GPU", "DriverLibraries") => d.gpu.driver_libraries = !empty && k.boolean()?,
+        ("GPU", "Count") => {
+            d.gpu.count = if empty {
+                None
+            } else {
+                match k.word()?.parse::<u32>() {
+                    Ok(n) if (1..=1024).contains(&n) => Some(n),
+                    _ => return Err(k.error(format!("expected a number of GPUs from 1 to 1024, found '{}'", a.value))),
+                }
+            }
+        }
+        ("GPU", "Exclusive") => d.gpu.exclusive_setting = if empty { None } else { Some(k.boolean()?) },
+        ("GPU", "AllocationTimeout") => {
+            d.gpu.allocation_timeout = if empty {
+                Some(std::time::Duration::ZERO)
+            } else {
+                crate::timespan::parse(&a.value).map_err(|e| k.error(e))?
+            }
+        }
+        ("GPU", "NUMA") => d.gpu.numa = !empty && k.boolean()?,
         ("Unit", _) => d.unit.push(PassThrough { key: a.key.clone(), value: a.value.clone() }),
         ("Service", key) => {
             if let Some((_, why)) = MANAGED_SERVICE_KEYS.iter().find(|(k, _)| *k == key) {
@@ -433,7 +476,7 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
 fn known_keys(section: &str) -> &'static str {
     match section {
         "Container" => "RootDirectory, Exec, WorkingDirectory, Environment, User, Hostname, UserNamespace, Network, ReadOnly, Bind, BindReadOnly, AddCapability, DropCapability, Seccomp, NoNewPrivileges, Init",
-        "GPU" => "Device, Optional, Hotplug, DriverLibraries",
+        "GPU" => "Device, Optional, Hotplug, DriverLibraries, Count, Exclusive, AllocationTimeout, NUMA",
         _ => "WantedBy, RequiredBy, UpheldBy",
     }
 }

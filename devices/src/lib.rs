@@ -3,10 +3,11 @@
 //! driver, no backend), and CDI specs. Discovery produces plain facts ([`Gpu`]), so matching is tested
 //! against recorded device trees without the hardware.
 
+pub mod allocation;
 pub mod cdi;
 pub mod driver;
 mod drm;
-mod nvidia;
+pub mod nvidia;
 pub mod select;
 
 pub use select::{select, NodeAccess, Selection};

@@ -7,7 +7,7 @@ mod run;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use gpubox_definition::{SearchPath, Sources};
-use gpubox_devices::{select::selector_forms, Inventory};
+use gpubox_devices::{allocation, select::selector_forms, Inventory};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -208,6 +208,11 @@ fn devices(json: bool) -> Result<ExitCode> {
                 v["selectors"] = selector_forms(g).into();
                 let nodes: Vec<&std::path::Path> = g.nodes.iter().map(|n| n.path.as_path()).collect();
                 v["containers"] = held_by(&holders, &nodes).into();
+                let allocated: Vec<serde_json::Value> = gpubox_control::locks::holders(&allocation::key_of(g))
+                    .into_iter()
+                    .map(|(container, exclusive)| serde_json::json!({"container": container, "exclusive": exclusive}))
+                    .collect();
+                v["holders"] = allocated.into();
                 v
             })
             .collect();
@@ -229,7 +234,12 @@ fn devices(json: bool) -> Result<ExitCode> {
     for g in &inventory.gpus {
         let forms = selector_forms(g);
         let nodes: Vec<&std::path::Path> = g.nodes.iter().map(|n| n.path.as_path()).collect();
-        let containers = held_by(&holders, &nodes);
+        let mut containers = held_by(&holders, &nodes);
+        // Who holds it and how, from the allocator's holder files (root only).
+        for (name, exclusive) in gpubox_control::locks::holders(&allocation::key_of(g)) {
+            containers.retain(|c| *c != name);
+            containers.push(if exclusive { format!("{name} (exclusive)") } else { name });
+        }
         rows.push([
             forms.first().cloned().unwrap_or_default(),
             g.driver.clone().unwrap_or_else(|| "-".into()),

@@ -41,6 +41,8 @@ pub struct Plan {
     pub terminal: Option<std::os::fd::RawFd>,
     /// `DriverLibraries=yes`: the host driver's files, and the scratch directory for them.
     pub driver: Option<(gpubox_devices::driver::DriverFiles, PathBuf)>,
+    /// Paths in /proc to hide (other GPUs' driver entries).
+    pub hidden: Vec<PathBuf>,
     /// Stop once the file system is built, for the supervisor to run hooks.
     pub hooks_barrier: bool,
 }
@@ -126,6 +128,7 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
         private_network: plan.private_network,
         console: plan.console.clone(),
         driver: plan.driver.as_ref().map(|(files, scratch)| (files, scratch.as_path())),
+        hidden: &plan.hidden,
     })?;
     // OCI's "created" state: the file system is in place, nothing of the payload runs yet.
     // CDI hooks (createRuntime, createContainer) run now, in the supervisor.

@@ -55,6 +55,9 @@ pub struct Live {
     pub stuck: Vec<Node>,
     /// Nodes whose mode follows a host node's (see `node_modes`).
     pub host_modes: Vec<FollowedNode>,
+    /// The GPUs this container holds host-wide (see `allocator`), and whether alone.
+    pub held: Vec<crate::allocator::Held>,
+    pub exclusive: bool,
 }
 
 impl Live {
@@ -78,7 +81,23 @@ impl Live {
         }
         let selection =
             select(&Inventory::discover(), std::slice::from_ref(&selector), false).map_err(anyhow::Error::msg)?;
-        self.attach_device(&name, &selection, &selection.nodes, how)
+        // No GPU another container holds alone, and none of ours to another alone.
+        let holds = crate::start_devices::hold_more(&self.name, &selector, self.exclusive, &self.held)?;
+        self.attach_device(&name, &selection, &selection.nodes, how)?;
+        self.held.extend(holds);
+        Ok(())
+    }
+
+    /// Lets go of the GPUs that none of the devices still held names.
+    fn release_unused(&mut self) {
+        let inventory = Inventory::discover();
+        let names: Vec<Selector> = self.devices.iter().filter_map(|d| d.name.parse().ok()).collect();
+        let keys: Vec<String> = gpubox_devices::allocation::candidates(&inventory, &names)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.key)
+            .collect();
+        self.held.retain(|h| keys.contains(&h.key));
     }
 
     /// Detaches what was attached as `selector`; detaching it again changes nothing.
@@ -99,7 +118,9 @@ impl Live {
         match self.devices.iter().position(|d| d.name == name) {
             Some(index) => {
                 let device = self.devices.remove(index);
-                self.unbind_mounts_of(&[device])
+                let unbound = self.unbind_mounts_of(&[device]);
+                self.release_unused();
+                unbound
             }
             None => Ok(()),
         }
@@ -126,7 +147,9 @@ impl Live {
                         .cloned()
                         .collect();
                     if !missing.is_empty() {
+                        let holds = crate::start_devices::hold_more(&self.name, &selector, self.exclusive, &self.held)?;
                         self.attach_device(&selector.to_string(), &selection, &missing, "hotplug")?;
+                        self.held.extend(holds);
                     }
                 }
                 Ok(())
@@ -139,7 +162,11 @@ impl Live {
                     }
                 }
                 let gone: Vec<Node> = self.nodes.iter().filter(|n| !still.contains(n)).cloned().collect();
-                self.detach_nodes(&gone)
+                let detached = self.detach_nodes(&gone);
+                if !gone.is_empty() {
+                    self.release_unused();
+                }
+                detached
             }
             other => bail!("unknown hotplug action '{other}' (add or remove)"),
         }

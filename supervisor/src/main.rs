@@ -2,6 +2,7 @@
 //! runner without systemd (`run --definition FILE`), like bwrap or systemd-nspawn.
 
 mod accounts;
+mod allocator;
 mod capabilities;
 mod cgroup;
 mod child;
@@ -19,6 +20,7 @@ mod reach;
 mod rootfs;
 mod seccomp;
 mod signals;
+mod start_devices;
 mod supervise;
 mod sys;
 mod systemd;
@@ -117,29 +119,16 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
         Target::Name(name) => SearchPath::from_env().load(name)?,
         Target::File(file) => Sources::from_file(file)?.load()?,
     };
-    let mut start_devices = Vec::new();
-    let selection = if definition.gpu.devices.is_empty() {
-        gpubox_devices::Selection::default()
-    } else {
-        let inventory = gpubox_devices::Inventory::discover();
-        // With Hotplug=yes a GPU that is not there yet is waited for, not an error.
-        let optional = definition.gpu.optional || definition.gpu.hotplug;
-        let selection =
-            gpubox_devices::select(&inventory, &definition.gpu.devices, optional).map_err(anyhow::Error::msg)?;
-        // Per selector, for status: which nodes each one brought.
-        for selector in &definition.gpu.devices {
-            let one = gpubox_devices::select(&inventory, std::slice::from_ref(selector), true).unwrap_or_default();
-            if !one.nodes.is_empty() || !one.mounts.is_empty() {
-                start_devices.push(gpubox_control::Device {
-                    name: selector.to_string(),
-                    nodes: one.nodes.iter().map(|n| n.path.clone()).collect(),
-                    how: "start".into(),
-                    mounts: one.mounts.iter().map(|m| m.container_path.clone()).collect(),
-                });
-            }
-        }
-        selection
-    };
+    // One supervisor per name, from here on (before GPUs are allocated under that name).
+    let _name = idmap::claim_name(&definition.name)?;
+    let start = start_devices::prepare(&definition, |waiting| {
+        log::info(waiting);
+        // systemd keeps the unit "activating" while this waits, and must not time it out.
+        let _ = sd_notify::notify(
+            false,
+            &[sd_notify::NotifyState::ExtendTimeoutUsec(60_000_000), sd_notify::NotifyState::Status(waiting)],
+        );
+    })?;
     // The host's root already has the driver; a root of our own gets it.
     let mut driver = None;
     if definition.gpu.driver_libraries && definition.container.root_directory.is_some() {
@@ -149,5 +138,5 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
             Err(e) => bail!(e),
         }
     }
-    supervise::run(&definition, &selection, start_devices, driver, mode).context("running the container")
+    supervise::run(&definition, start, driver, mode).context("running the container")
 }

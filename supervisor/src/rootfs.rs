@@ -27,6 +27,8 @@ pub struct Layout<'a> {
     pub console: Option<PathBuf>,
     /// `DriverLibraries=yes`: the host driver's files, and the scratch directory for them.
     pub driver: Option<(&'a gpubox_devices::driver::DriverFiles, &'a Path)>,
+    /// Paths in /proc hidden behind an empty directory (other GPUs' driver entries).
+    pub hidden: &'a [PathBuf],
 }
 
 /// Files and directories under /proc that hide host information or allow host changes
@@ -100,7 +102,7 @@ pub fn build(layout: &Layout) -> Result<()> {
     // Every path below the root is resolved inside it from here on (in_root.rs).
     let root_fd = open_dir(&root)?;
     let root_fd = root_fd.as_fd();
-    proc(root_fd)?;
+    proc(root_fd, layout.hidden)?;
     sys(root_fd, layout.private_network)?;
     dev(root_fd, layout)?;
     for (b, source) in &sources {
@@ -153,7 +155,7 @@ fn point(root: BorrowedFd, path: &Path, kind: in_root::Kind) -> Result<(OwnedFd,
     Ok((fd, via))
 }
 
-fn proc(root: BorrowedFd) -> Result<()> {
+fn proc(root: BorrowedFd, hidden: &[PathBuf]) -> Result<()> {
     let Some(target) = dir_in_root(root, "/proc") else { bail!("the root has no /proc directory") };
     let target = PathBuf::from(in_root::fd_path(&target));
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -170,6 +172,12 @@ fn proc(root: BorrowedFd) -> Result<()> {
             let attrs =
                 sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV | sys::MOUNT_ATTR_NOEXEC;
             sys::mount_setattr_fd(&bound, attrs).with_context(|| format!("making {path} read-only"))?;
+        }
+    }
+    for path in hidden {
+        let rel = path.strip_prefix("/proc").unwrap_or(path);
+        if let Ok(p) = in_root::open(proc.as_fd(), rel, libc::O_PATH | libc::O_NOFOLLOW) {
+            mask(&p)?;
         }
     }
     Ok(())

@@ -8,11 +8,11 @@ use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
 use crate::live::Live;
 use crate::node_modes::FollowedNode;
+use crate::start_devices::StartDevices;
 use crate::terminal::Terminal;
 use crate::{capabilities, control, devcgroup, idmap, log, seccomp, signals, sys, systemd, watch};
 use anyhow::{Context, Result};
 use gpubox_definition::{Bind, Definition, Network, UserNamespace};
-use gpubox_devices::Selection;
 use nix::sys::signal::{self, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -49,11 +49,11 @@ fn notify(states: &[sd_notify::NotifyState]) {
 /// 128+signal, or 125–127 for a container that never started).
 pub fn run(
     d: &Definition,
-    selection: &Selection,
-    start_devices: Vec<gpubox_control::Device>,
+    start: StartDevices,
     driver: Option<gpubox_devices::driver::DriverFiles>,
     mode: &Mode,
 ) -> Result<i32> {
+    let selection = &start.selection;
     let c = &d.container;
     let capabilities = capabilities::for_container(c)?;
     let mut environment = c.environment.clone();
@@ -95,9 +95,9 @@ pub fn run(
         terminal: None,
         hooks_barrier: false,
         driver: None,
+        hidden: start.hidden.clone(),
     };
     let mut plan = plan;
-    let _name = idmap::claim_name(&d.name)?;
     let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
     let owner = ids.as_ref().map_or(0, |i| i.host_base);
     if plan.user_namespace {
@@ -115,7 +115,7 @@ pub fn run(
     // Only for the devices of the start: later ones are staged by the mount helper.
     let staging = if selection.nodes.is_empty() { None } else { Some(Staging::new(&run_dir.path, owner)?) };
     let host = HostSide { staging: staging.as_ref(), owner, terminal: terminal.as_mut() };
-    let result = run_staged(d, &mut plan, selection, start_devices, host, mode);
+    let result = run_staged(d, &mut plan, start, host, mode);
     if let Some(staging) = staging {
         staging.remove();
     }
@@ -132,15 +132,10 @@ struct HostSide<'a> {
     terminal: Option<&'a mut Terminal>,
 }
 
-fn run_staged(
-    d: &Definition,
-    plan: &mut Plan,
-    selection: &Selection,
-    start_devices: Vec<gpubox_control::Device>,
-    host: HostSide,
-    mode: &Mode,
-) -> Result<i32> {
+fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSide, mode: &Mode) -> Result<i32> {
     let HostSide { staging, owner, mut terminal } = host;
+    let StartDevices { selection, devices: start_devices, held, selectors, .. } = start;
+    let selection = &selection;
     let threads = signals::other_threads();
     if !threads.is_empty() {
         anyhow::bail!("the supervisor has other threads before the clone ({}); refusing to fork", threads.join(", "));
@@ -300,7 +295,7 @@ fn run_staged(
         mount_ns,
         state: "running",
         hotplug: d.gpu.hotplug,
-        selectors: d.gpu.devices.clone(),
+        selectors,
         staging: staging.cloned(),
         helper: None,
         owner,
@@ -316,6 +311,8 @@ fn run_staged(
         allowed_by_systemd,
         stuck: Vec::new(),
         host_modes: host_modes.iter().filter_map(|(n, spec, mode)| FollowedNode::open(pid, n, spec, *mode)).collect(),
+        held,
+        exclusive: d.gpu.exclusive(),
     }));
     // Containers with devices follow udev's events; one without gets there at its first attach.
     if !d.gpu.devices.is_empty() {

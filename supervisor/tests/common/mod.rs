@@ -125,28 +125,52 @@ pub fn run_fresh(path: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Run {
 /// loaded NVML would take it.
 pub struct NvidiaStandIn {
     pub dir: tempfile::TempDir,
+    /// The first GPU's minor number; GPU i has `minor + i`.
     pub minor: u32,
     pub node: PathBuf,
+    pub nodes: Vec<PathBuf>,
     pub nvml: PathBuf,
     minor_text: std::ffi::OsString,
 }
 
 impl NvidiaStandIn {
     pub fn new() -> NvidiaStandIn {
+        NvidiaStandIn::with_gpus(1)
+    }
+
+    /// `n` stand-in GPUs, in bus order, at PCI addresses of their own (0000:MM:00.0, MM the
+    /// minor number): the allocator's locks are host-wide, and tests run in parallel.
+    pub fn with_gpus(n: u32) -> NvidiaStandIn {
         let dir = tempfile::tempdir().unwrap();
-        // One per test process and call: tests run in parallel.
+        // Minor numbers of their own per test process and call: tests run in parallel.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let minor = 200 + (std::process::id() * 7 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % 50;
-        let gpu = dir.path().join("gpus/0000:00:06.0");
-        fs::create_dir_all(&gpu).unwrap();
-        fs::write(
-            gpu.join("information"),
-            format!(
-                "Model: \t\t gpubox stand-in GPU\nGPU UUID: \t GPU-00000000-1111-2222-3333-444444444444\n\
-                 Bus Location: \t 0000:00:06.0\nDevice Minor: \t {minor}\nGPU Excluded:\t No\n"
-            ),
-        )
-        .unwrap();
+        let slot = NEXT.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        let minor = 120 + (std::process::id() * 13 + slot) % 100;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let bus = format!("0000:{:02x}:00.0", minor + i);
+            let gpu = dir.path().join("gpus").join(&bus);
+            fs::create_dir_all(&gpu).unwrap();
+            fs::write(
+                gpu.join("information"),
+                format!(
+                    "Model: \t\t gpubox stand-in GPU\nGPU UUID: \t GPU-00000000-1111-2222-3333-44444444444{i}\n\
+                     Bus Location: \t {bus}\nDevice Minor: \t {}\nGPU Excluded:\t No\n",
+                    minor + i
+                ),
+            )
+            .unwrap();
+            let node = PathBuf::from(format!("/dev/nvidia{}", minor + i));
+            let _ = fs::remove_file(&node);
+            nix::sys::stat::mknod(
+                &node,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                nix::sys::stat::makedev(10, 229),
+            )
+            .unwrap();
+            nodes.push(node);
+        }
         let nvml = dir.path().join("libnvidia-ml.so.1");
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/standin/fake-nvml.c");
         let cc = Command::new("cc")
@@ -156,16 +180,7 @@ impl NvidiaStandIn {
             .status()
             .expect("a C compiler");
         assert!(cc.success());
-        let node = PathBuf::from(format!("/dev/nvidia{minor}"));
-        let _ = fs::remove_file(&node);
-        nix::sys::stat::mknod(
-            &node,
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::from_bits_truncate(0o666),
-            nix::sys::stat::makedev(10, 229),
-        )
-        .unwrap();
-        NvidiaStandIn { dir, minor, node, nvml, minor_text: minor.to_string().into() }
+        NvidiaStandIn { dir, minor, node: nodes[0].clone(), nodes, nvml, minor_text: minor.to_string().into() }
     }
 
     /// The environment that points gpubox at this GPU.
@@ -181,6 +196,8 @@ impl NvidiaStandIn {
 
 impl Drop for NvidiaStandIn {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.node);
+        for node in &self.nodes {
+            let _ = fs::remove_file(node);
+        }
     }
 }

@@ -1,0 +1,236 @@
+//! The host-wide GPU allocator: which running container holds which GPU, and how.
+//!
+//! Every container that holds a GPU holds a lock on it, `/run/gpubox/.locks/gpu-KEY`
+//! (`gpubox_devices::allocation` names the key): shared for a GPU it may share, exclusive for
+//! a GPU no one else may be given (`Exclusive=yes`, the default with `Count=`). Locks are
+//! `flock`s of the supervisor's, so they are taken atomically, never outlive the supervisor
+//! (a SIGKILLed one's GPUs are free at once), and only root can take them. Beside each lock a
+//! holder file, `holders/KEY@NAME`, says who holds it and how, for errors and for
+//! `gpuboxctl devices`; it is locked by its holder too, so a stale one is known as such.
+//!
+//! Starts that must wait for GPUs queue in start order (`queue/`, one locked entry per waiting
+//! supervisor, named by its start time): only the first in the queue may take GPUs, so a job
+//! started later never overtakes one started earlier.
+
+use anyhow::{bail, Context, Result};
+use gpubox_control::locks::{self, Lock};
+use gpubox_devices::allocation::{self, Candidate};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A GPU held by this supervisor.
+#[derive(Debug)]
+pub struct Held {
+    pub key: String,
+    _lock: Lock,
+    _holder: HolderFile,
+}
+
+/// Who holds a GPU, as its holder files say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub container: String,
+    pub exclusive: bool,
+}
+
+fn holders_dir() -> std::io::Result<PathBuf> {
+    let dir = locks::lock_dir()?.join("holders");
+    gpubox_control::run_dir::ensure_dir(&dir, gpubox_control::run_dir::PRIVATE_MODE)?;
+    Ok(dir)
+}
+
+/// Takes GPU `c` for container `name` if no other holds it in a conflicting way.
+pub fn try_hold(name: &str, c: &Candidate, exclusive: bool) -> Result<Option<Held>> {
+    let lock =
+        locks::try_lock_mode(&format!("gpu-{}", c.key), exclusive).with_context(|| format!("locking {}", c.label))?;
+    let Some(lock) = lock else { return Ok(None) };
+    let holder = HolderFile::create(&c.key, name, exclusive)?;
+    Ok(Some(Held { key: c.key.clone(), _lock: lock, _holder: holder }))
+}
+
+/// Every GPU of `candidates` for a container that names its GPUs (no `Count=`): all or an
+/// error naming who holds the ones it cannot have.
+pub fn hold_all(name: &str, candidates: &[Candidate], exclusive: bool) -> Result<Vec<Held>> {
+    let mut held = Vec::new();
+    for c in candidates {
+        match try_hold(name, c, exclusive)? {
+            Some(h) => held.push(h),
+            None => bail!("{} is held {}", c.label, describe_holders(&holders_of(&c.key))),
+        }
+    }
+    Ok(held)
+}
+
+/// `Count=`: `n` GPUs of `candidates`, chosen by topology among the free ones, waiting in the
+/// queue up to `timeout` (`None`: for ever). `waiting` is told, once a second at most, what
+/// the start waits for.
+pub fn allocate(
+    name: &str,
+    candidates: &[Candidate],
+    n: usize,
+    exclusive: bool,
+    timeout: Option<Duration>,
+    mut waiting: impl FnMut(&str),
+) -> Result<Vec<Held>> {
+    if candidates.len() < n {
+        bail!(
+            "[GPU] Count={n}, but the selectors match only {} GPU{} on this host ({})",
+            candidates.len(),
+            if candidates.len() == 1 { "" } else { "s" },
+            candidates.iter().map(|c| c.label.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let started = Instant::now();
+    let place = QueuePlace::join(name)?;
+    let mut told = None::<Instant>;
+    loop {
+        if place.is_first()? {
+            let mut free: Vec<Held> = Vec::new();
+            let mut free_candidates: Vec<&Candidate> = Vec::new();
+            for c in candidates {
+                if let Some(h) = try_hold(name, c, exclusive)? {
+                    free.push(h);
+                    free_candidates.push(c);
+                }
+            }
+            if let Some(chosen) = allocation::choose(&free_candidates, n) {
+                let mut taken = Vec::new();
+                for (i, h) in free.into_iter().enumerate() {
+                    if chosen.contains(&i) {
+                        taken.push(h);
+                    }
+                }
+                return Ok(taken);
+            }
+        }
+        let why = || {
+            let busy: Vec<String> = candidates
+                .iter()
+                .filter_map(|c| {
+                    let h = holders_of(&c.key);
+                    (!h.is_empty()).then(|| format!("{} held {}", c.label, describe_holders(&h)))
+                })
+                .collect();
+            let free = candidates.len() - busy.len();
+            let ahead = if free >= n { "; earlier starts are ahead in the queue" } else { "" };
+            format!(
+                "{free} of {} free{ahead}{}{}",
+                candidates.len(),
+                if busy.is_empty() { "" } else { "; " },
+                busy.join(", ")
+            )
+        };
+        if timeout.is_some_and(|t| started.elapsed() >= t) {
+            bail!(
+                "[GPU] Count={n}: not enough free GPUs within AllocationTimeout={:?} ({})",
+                timeout.unwrap_or_default(),
+                why()
+            );
+        }
+        if told.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            waiting(&format!("waiting for {n} GPU{} ({})", if n == 1 { "" } else { "s" }, why()));
+            told = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The live holders of GPU `key`.
+pub fn holders_of(key: &str) -> Vec<Holder> {
+    locks::holders(key).into_iter().map(|(container, exclusive)| Holder { container, exclusive }).collect()
+}
+
+fn describe_holders(holders: &[Holder]) -> String {
+    if holders.is_empty() {
+        return "by a container that is stopping".into();
+    }
+    let names: Vec<String> =
+        holders.iter().map(|h| format!("{}{}", h.container, if h.exclusive { " (exclusive)" } else { "" })).collect();
+    format!("by {}", names.join(", "))
+}
+
+/// `holders/KEY@NAME`, locked while held: "exclusive" or "shared".
+#[derive(Debug)]
+struct HolderFile {
+    path: PathBuf,
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl HolderFile {
+    fn create(key: &str, name: &str, exclusive: bool) -> Result<HolderFile> {
+        use std::io::Write;
+        let path = holders_dir()?.join(format!("{key}@{name}"));
+        let file = locks::open_lock_file(&path)?;
+        let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
+        file.set_len(0)?;
+        file.write_all(if exclusive { b"exclusive\n" } else { b"shared\n" })?;
+        Ok(HolderFile { path, _file: file })
+    }
+}
+
+impl Drop for HolderFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// This supervisor's place in the queue of starts waiting for GPUs.
+struct QueuePlace {
+    path: PathBuf,
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl QueuePlace {
+    fn dir() -> std::io::Result<PathBuf> {
+        let dir = locks::lock_dir()?.join("queue");
+        gpubox_control::run_dir::ensure_dir(&dir, gpubox_control::run_dir::PRIVATE_MODE)?;
+        Ok(dir)
+    }
+
+    /// Named by the supervisor's start (boot-time clock), so places sort in start order.
+    fn join(name: &str) -> Result<QueuePlace> {
+        let started = process_start_ticks().unwrap_or(u64::MAX);
+        let path = Self::dir()?.join(format!("{started:020}-{:010}-{name}", std::process::id()));
+        let file = locks::open_lock_file(&path)?;
+        let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(QueuePlace { path, _file: file })
+    }
+
+    /// Whether no live place is before this one (stale places are removed on the way).
+    fn is_first(&self) -> Result<bool> {
+        let mut places: Vec<PathBuf> = std::fs::read_dir(Self::dir()?)?.flatten().map(|e| e.path()).collect();
+        places.sort();
+        for place in places {
+            if place == self.path {
+                return Ok(true);
+            }
+            let live = std::fs::File::open(&place).ok().is_some_and(|f| {
+                matches!(
+                    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock),
+                    Err((_, nix::errno::Errno::EWOULDBLOCK))
+                )
+            });
+            if live {
+                return Ok(false);
+            }
+            let _ = std::fs::remove_file(&place);
+        }
+        Ok(true)
+    }
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// When this process started, in clock ticks since boot (`/proc/self/stat` field 22): the
+/// order `systemctl start` started the supervisors in.
+fn process_start_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after_comm = stat.rsplit_once(')')?.1;
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}

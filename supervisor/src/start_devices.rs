@@ -1,0 +1,119 @@
+//! The devices a container starts with: those its selectors name, or `Count=` GPUs of them
+//! allocated host-wide (allocator.rs), each held for the container's life; and, for status,
+//! which nodes and mounts each brought.
+
+use crate::{allocator, log};
+use anyhow::{bail, Result};
+use gpubox_definition::{Definition, Selector};
+use gpubox_devices::allocation::{self, Candidate};
+use gpubox_devices::{Inventory, Selection};
+
+/// What the start gets.
+#[derive(Default)]
+pub struct StartDevices {
+    pub selection: Selection,
+    /// For status: one entry per selector (or allocated GPU) that brought something.
+    pub devices: Vec<gpubox_control::Device>,
+    /// The GPUs held, released when dropped (by the kernel, at the latest, when the
+    /// supervisor ends).
+    pub held: Vec<allocator::Held>,
+    /// The selectors the container holds its devices by, for hotplug's reselection.
+    pub selectors: Vec<Selector>,
+    /// `/proc/driver/nvidia/gpus/BUS` of the host's other NVIDIA GPUs, hidden inside.
+    pub hidden: Vec<std::path::PathBuf>,
+}
+
+pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDevices> {
+    let gpu = &d.gpu;
+    if gpu.devices.is_empty() && gpu.count.is_none() {
+        return Ok(StartDevices::default());
+    }
+    let inventory = Inventory::discover();
+    if let Some(n) = gpu.count {
+        let candidates = allocation::candidates(&inventory, &gpu.devices).map_err(anyhow::Error::msg)?;
+        let held = allocator::allocate(
+            &d.name,
+            &candidates,
+            n as usize,
+            gpu.exclusive(),
+            gpu.allocation_timeout,
+            &mut waiting,
+        )?;
+        let chosen: Vec<&Candidate> = held.iter().filter_map(|h| candidates.iter().find(|c| c.key == h.key)).collect();
+        log::info(&format!(
+            "allocated {} of {} ({})",
+            chosen.iter().map(|c| c.label.as_str()).collect::<Vec<_>>().join(", "),
+            candidates.len(),
+            allocation::explain(&chosen)
+        ));
+        let selectors: Vec<Selector> = chosen.iter().map(|c| c.selector.clone()).collect();
+        let selection = gpubox_devices::select(&inventory, &selectors, false).map_err(anyhow::Error::msg)?;
+        let devices = chosen
+            .iter()
+            .map(|c| {
+                let one =
+                    gpubox_devices::select(&inventory, std::slice::from_ref(&c.selector), true).unwrap_or_default();
+                status_entry(&c.label, &one, if gpu.exclusive() { "allocated" } else { "allocated, shared" })
+            })
+            .collect();
+        let hidden = hidden_nvidia_entries(&inventory, &selection);
+        return Ok(StartDevices { selection, devices, held, selectors, hidden });
+    }
+    // With Hotplug=yes a GPU that is not there yet is waited for, not an error.
+    let optional = gpu.optional || gpu.hotplug;
+    let selection = gpubox_devices::select(&inventory, &gpu.devices, optional).map_err(anyhow::Error::msg)?;
+    let mut devices = Vec::new();
+    let mut held = Vec::new();
+    for selector in &gpu.devices {
+        let one = gpubox_devices::select(&inventory, std::slice::from_ref(selector), true).unwrap_or_default();
+        if !one.nodes.is_empty() || !one.mounts.is_empty() {
+            devices.push(status_entry(&selector.to_string(), &one, "start"));
+        }
+        // Held too: shared, unless Exclusive=yes; either way none held exclusively by another.
+        let matched = allocation::candidates(&inventory, std::slice::from_ref(selector)).unwrap_or_default();
+        held.extend(allocator::hold_all(&d.name, &matched, gpu.exclusive())?);
+    }
+    Ok(StartDevices { selection, devices, held, selectors: gpu.devices.clone(), hidden: Vec::new() })
+}
+
+/// GPUs `selectors` name now, held for a live attach or hotplug by container `name`; an error
+/// naming the holder when one of them is another container's alone.
+pub fn hold_more(
+    name: &str,
+    selector: &Selector,
+    exclusive: bool,
+    have: &[allocator::Held],
+) -> Result<Vec<allocator::Held>> {
+    let inventory = Inventory::discover();
+    let matched = allocation::candidates(&inventory, std::slice::from_ref(selector)).unwrap_or_default();
+    let new: Vec<Candidate> = matched.into_iter().filter(|c| !have.iter().any(|h| h.key == c.key)).collect();
+    if new.is_empty() {
+        return Ok(Vec::new());
+    }
+    allocator::hold_all(name, &new, exclusive).or_else(|e| bail!("{selector}: {e:#}"))
+}
+
+fn status_entry(name: &str, one: &Selection, how: &str) -> gpubox_control::Device {
+    gpubox_control::Device {
+        name: name.to_owned(),
+        nodes: one.nodes.iter().map(|n| n.path.clone()).collect(),
+        how: how.into(),
+        mounts: one.mounts.iter().map(|m| m.container_path.clone()).collect(),
+    }
+}
+
+/// The driver's `/proc` entries of the NVIDIA GPUs the container was not given, which
+/// `nvidia-container-cli` hides too: inside, `nvidia-smi` and CUDA see its GPUs only.
+fn hidden_nvidia_entries(inventory: &Inventory, selection: &Selection) -> Vec<std::path::PathBuf> {
+    inventory
+        .gpus
+        .iter()
+        .filter(|g| g.nvidia.is_some())
+        .filter(|g| {
+            !allocation::own_nodes(g)
+                .iter()
+                .any(|n| selection.nodes.iter().any(|s| s.major == n.major && s.minor == n.minor))
+        })
+        .filter_map(|g| g.pci.map(|p| std::path::PathBuf::from(format!("/proc/driver/nvidia/gpus/{p}"))))
+        .collect()
+}

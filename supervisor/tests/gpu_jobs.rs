@@ -1,0 +1,195 @@
+//! Issue #16, GPU jobs: `[GPU] Count=N` on stand-in GPUs (the driver's /proc tree and
+//! /dev/nvidiaN nodes). Many concurrent starts never share a GPU, a start waits in the queue
+//! for a holder to stop, a SIGKILLed holder's GPUs come back, and containers that name their
+//! GPUs respect an exclusive holder. Privileged, as container.rs.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+/// A supervisor that is killed if the test ends first (a failed test must not leave a holder).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(gpu: &NvidiaStandIn, def: &Path) -> Child {
+    Command::new(SUPERVISOR)
+        .args(["run", "--definition"])
+        .arg(def)
+        .envs(gpu.env())
+        .env_remove("INVOCATION_ID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child, limit: Duration) -> Run {
+    let t = Instant::now();
+    let pid = child.id();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    while !waiter.is_finished() {
+        if t.elapsed() > limit {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            panic!("supervisor {pid} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = waiter.join().unwrap();
+    Run {
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: out.status.code().unwrap_or(-1),
+    }
+}
+
+/// The payload's view: which stand-in GPUs it has, and when it ran (host clock, ns).
+const JOB: &str = "Exec=/bin/sh -c 's=$(date +%%s%%N); sleep 0.2; echo gpus=$(ls /dev | grep -E \"^nvidia[0-9]+$\" | tr \"\\n\" \" \") s=$s e=$(date +%%s%%N)'\n";
+
+fn parse_job(out: &str) -> (Vec<String>, u128, u128) {
+    let line = out.lines().find(|l| l.starts_with("gpus=")).unwrap_or_else(|| panic!("no gpus= in {out:?}"));
+    let gpus = line["gpus=".len()..line.find(" s=").unwrap()].split_whitespace().map(str::to_owned).collect();
+    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).unwrap().parse().unwrap();
+    (gpus, field("s="), field("e="))
+}
+
+/// 100 jobs started at once, each `Count=1`, on 4 GPUs: each job sees exactly one GPU, and no
+/// two jobs ever run on the same GPU at the same time.
+#[test]
+fn a_hundred_concurrent_jobs_never_share_a_gpu() {
+    if !privileged() {
+        return;
+    }
+    let gpu = NvidiaStandIn::with_gpus(4);
+    let tag = std::process::id();
+    let children: Vec<Child> = (0..100)
+        .map(|i| {
+            let def =
+                definition(gpu.dir.path(), &format!("job{tag}-{i}"), &format!("[Container]\n{JOB}[GPU]\nCount=1\n"));
+            start(&gpu, &def)
+        })
+        .collect();
+    let mut runs: Vec<(Vec<String>, u128, u128)> = Vec::new();
+    for child in children {
+        let r = finish(child, Duration::from_secs(120));
+        assert_eq!(r.code, 0, "{}", r.err);
+        assert!(r.err.contains("allocated nvidia:"), "{}", r.err);
+        runs.push(parse_job(&r.out));
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for (gpus, s, e) in &runs {
+        assert_eq!(gpus.len(), 1, "each job sees exactly its one GPU: {gpus:?}");
+        used.insert(gpus[0].clone());
+        for (other, s2, e2) in &runs {
+            if std::ptr::eq(gpus, other) || gpus != other {
+                continue;
+            }
+            assert!(e <= s2 || e2 <= s, "two jobs on {} at once: {s}..{e} and {s2}..{e2}", gpus[0]);
+        }
+    }
+    assert_eq!(used.len(), 4, "all four GPUs were used: {used:?}");
+}
+
+/// One GPU held by a job. A start with `AllocationTimeout=1s` fails with 125 naming the holder;
+/// two waiting starts proceed in start order once the holder stops; a SIGKILLed holder's GPU
+/// is free at once; a container naming the GPU is refused while a job holds it alone.
+#[test]
+fn waiting_timeouts_order_and_killed_holders() {
+    if !privileged() {
+        return;
+    }
+    let gpu = NvidiaStandIn::with_gpus(1);
+    let d = gpu.dir.path();
+    let tag = std::process::id();
+    let holder_name = format!("holder{tag}");
+    let holder = definition(d, &holder_name, "[Container]\nExec=sleep 60\nInit=yes\n[GPU]\nCount=1\n");
+    let mut holder_child = Running(start(&gpu, &holder));
+    let t = Instant::now();
+    while !Path::new("/run/gpubox").join(&holder_name).join("control").exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the holder did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // Not enough free GPUs within the timeout: 125, naming who holds them.
+    let impatient = definition(
+        d,
+        &format!("impatient{tag}"),
+        "[Container]\nExec=/bin/true\n[GPU]\nCount=1\nAllocationTimeout=1s\n",
+    );
+    let t = Instant::now();
+    let r = finish(start(&gpu, &impatient), Duration::from_secs(10));
+    assert_eq!(r.code, 125, "{}", r.err);
+    assert!(t.elapsed() >= Duration::from_millis(900), "gave up early: {:?}", t.elapsed());
+    assert!(r.err.contains(&format!("held by {holder_name} (exclusive)")), "{}", r.err);
+
+    // A container that names the GPU is refused while the job holds it alone.
+    let named = definition(d, &format!("named{tag}"), "[Container]\nExec=/bin/true\n[GPU]\nDevice=nvidia:0\n");
+    let r = finish(start(&gpu, &named), Duration::from_secs(10));
+    assert_eq!(r.code, 125, "{}", r.err);
+    assert!(r.err.contains("is held by") && r.err.contains(&holder_name), "{}", r.err);
+
+    // Two patient ones, started in this order, wait; then run in that order.
+    let first = definition(d, &format!("first{tag}"), &format!("[Container]\n{JOB}[GPU]\nCount=1\n"));
+    let second = definition(d, &format!("second{tag}"), &format!("[Container]\n{JOB}[GPU]\nCount=1\n"));
+    let first_child = start(&gpu, &first);
+    std::thread::sleep(Duration::from_millis(300));
+    let second_child = start(&gpu, &second);
+    std::thread::sleep(Duration::from_millis(300));
+    // The holder is SIGKILLed: its lock goes with it.
+    holder_child.0.kill().unwrap();
+    holder_child.0.wait().unwrap();
+    let (a, b) = (finish(first_child, Duration::from_secs(30)), finish(second_child, Duration::from_secs(30)));
+    assert_eq!((a.code, b.code), (0, 0), "{}{}", a.err, b.err);
+    assert!(a.err.contains("waiting for 1 GPU"), "{}", a.err);
+    let ((_, a_start, a_end), (_, b_start, _)) = (parse_job(&a.out), parse_job(&b.out));
+    assert!(a_start < b_start && a_end <= b_start, "the one started first ran first");
+}
+
+/// `gpuboxctl devices` shows who holds a GPU and how; `Count=` beyond what the selectors match
+/// is a clear error.
+#[test]
+fn holders_are_visible_and_impossible_counts_are_refused() {
+    if !privileged() {
+        return;
+    }
+    let gpu = NvidiaStandIn::with_gpus(2);
+    let d = gpu.dir.path();
+    let name = format!("visible{}", std::process::id());
+    let mut child =
+        Running(start(&gpu, &definition(d, &name, "[Container]\nExec=sleep 60\nInit=yes\n[GPU]\nCount=1\n")));
+    let t = Instant::now();
+    while !Path::new("/run/gpubox").join(&name).join("control").exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
+    let out = Command::new(&ctl).arg("devices").envs(gpu.env()).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().any(|l| l.starts_with("nvidia:0") && l.contains(&format!("{name} (exclusive)"))), "{table}");
+    let status = Command::new(&ctl).args(["status", &name]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("(allocated)"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    child.0.wait().unwrap();
+    let r = finish(
+        start(
+            &gpu,
+            &definition(d, &format!("three{}", std::process::id()), "[Container]\nExec=/bin/true\n[GPU]\nCount=3\n"),
+        ),
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, 125);
+    assert!(r.err.contains("Count=3, but the selectors match only 2 GPUs"), "{}", r.err);
+}
