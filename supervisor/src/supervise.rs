@@ -155,12 +155,14 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         }
     }
     let mut host_modes = Vec::new();
+    // Made after the clone, in the container's namespace (Staging::make_in), before it goes on.
+    let mut to_stage = Vec::new();
     if let Some(staging) = staging {
         for node in &selection.nodes {
             let spec = selection.access_of(&node.path);
             let access = Access::for_node(node, device_group, &spec);
-            let source = staging.stage(node, access)?;
-            plan.devices.push((source, node.path.clone()));
+            plan.devices.push((staging.source_for(node), node.path.clone()));
+            to_stage.push((node.clone(), access));
             host_modes.push((node.clone(), spec, access.mode));
         }
     }
@@ -210,6 +212,21 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     let child = Pid::from_raw(pid);
     let mount_ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok().map(std::os::fd::OwnedFd::from);
     let cleanup = cg_cleanup;
+    if let Some(staging) = staging.filter(|_| !to_stage.is_empty()) {
+        let staged = match &mount_ns {
+            Some(ns) => staging.make_in(ns.as_fd(), &to_stage),
+            None => Err(anyhow::anyhow!("the container's mount namespace is gone")),
+        };
+        if let Err(e) = staged {
+            let _ = signal::kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, None);
+            if let Some(unit) = &unit {
+                let _ = systemd::set_device_allow(unit, &[]);
+            }
+            cleanup(cgroup);
+            return Err(e);
+        }
+    }
 
     if plan.user_namespace {
         let map = format!("0 {owner} {}\n", idmap::SIZE);

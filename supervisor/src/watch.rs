@@ -52,25 +52,45 @@ pub fn follow(live: &Shared) {
                 return;
             }
         };
-        let kernel = udev::MonitorBuilder::new_kernel()
-            .and_then(|b| b.match_subsystem("drm"))
-            .and_then(|b| b.match_subsystem("pci"))
-            .and_then(|b| b.listen())
-            .map_err(|e| log::warn(&format!("hotplug waits for udev: cannot listen to the kernel's uevents: {e}")))
-            .ok();
+        // The kernel's own events only where GPUs come by hotplug (they are earlier than
+        // udev's); a removal waits for udev's event, which costs nothing at start and stop.
+        let hotplug = live.lock().expect("live state lock").hotplug;
+        let kernel =
+            (if hotplug { udev::MonitorBuilder::new_kernel() } else { Err(std::io::ErrorKind::Unsupported.into()) })
+                .and_then(|b| b.match_subsystem("drm"))
+                .and_then(|b| b.match_subsystem("pci"))
+                .and_then(|b| b.listen())
+                .map_err(|e| {
+                    if hotplug {
+                        log::warn(&format!("hotplug waits for udev: cannot listen to the kernel's uevents: {e}"))
+                    }
+                })
+                .ok();
         {
-            // The mount helper and systemd's permission for the GPU classes there are now
-            // rather than at the first event, which should not wait for them.
+            // Where GPUs come by hotplug, the mount helper and systemd's permission for the GPU
+            // classes are there now rather than at the first event, which should not wait for
+            // them. A container that only follows its GPUs' removal starts its helper when one
+            // goes: a helper process costs every start and stop about a millisecond.
             let mut l = live.lock().expect("live state lock");
-            if let Err(e) = l.prepare().and_then(|_| l.allow_gpu_classes()) {
-                log::warn(&format!("{e:#}"));
+            if l.hotplug {
+                if let Err(e) = l.prepare().and_then(|_| l.allow_gpu_classes()) {
+                    log::warn(&format!("{e:#}"));
+                }
             }
         }
         // udev sets a node's mode as it runs its rules, well before its event is sent: the
         // attribute change on the host node is the earlier sign (inotify on its directory).
-        let modes = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-            .map_err(|e| log::warn(&format!("modes follow udev's events only: {e}")))
-            .ok();
+        // Only where GPUs come by hotplug, whose nodes are attached before udev has run: the
+        // nodes of a start or an attach by hand have their final modes already, and an inotify
+        // instance costs every exit 10–20 ms (the kernel waits out an SRCU grace period to
+        // tear it down), which a container of a GPU job should not pay.
+        let modes = hotplug
+            .then(|| {
+                Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+                    .map_err(|e| log::warn(&format!("modes follow udev's events only: {e}")))
+                    .ok()
+            })
+            .flatten();
         // What changed between the container's start and the monitors being open.
         settle(&live, Due { added: true, removed: true, configured: true }, modes.as_ref());
         // Connected now, so that no event waits for it.

@@ -531,7 +531,7 @@ fn nvidia_gpu_with_a_stand_in() {
     assert_eq!(r.code, 125);
     assert!(
         stderr.contains("nvidia:1 matches no GPU")
-            && stderr.contains("nvidia:GPU-00000000-1111-2222-3333-444444444444"),
+            && stderr.contains("nvidia:GPU-00000000-1111-2222-3333-444444444440"),
         "{stderr}"
     );
 }
