@@ -59,7 +59,12 @@ pub fn try_lock_mode(name: &str, exclusive: bool) -> io::Result<Option<Lock>> {
 /// (not root).
 pub fn held(name: &str) -> Option<bool> {
     let path = PathBuf::from(crate::RUN_DIR).join(".locks").join(format!("name-{name}"));
-    let file = File::open(path).ok();
+    let file = match File::open(path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        // Not root (the lock directory is 0700): cannot tell.
+        Err(_) => return None,
+    };
     match file {
         None => Some(false),
         Some(file) => match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {

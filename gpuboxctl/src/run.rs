@@ -127,6 +127,8 @@ fn quote(word: &str) -> String {
             '\t' => out.push_str("\\t"),
             '\r' => out.push_str("\\r"),
             c if c.is_ascii_control() => write!(out, "\\x{:02x}", c as u32).expect("writing to a String"),
+            // C1 controls too: a definition's lines may hold no control character at all.
+            c if c.is_control() => write!(out, "\\u{:04x}", c as u32).expect("writing to a String"),
             c => out.push(c),
         }
     }
@@ -404,7 +406,7 @@ mod tests {
     #[test]
     fn quoted_words_split_back_exactly() {
         let specifiers = Specifiers { instance: "x" };
-        for word in ["", "a b", " \x01\x1b\x7f\r\n\t ", "%i %% 100%", r#"\"'\x41\\"#, "é ✓", "#;"] {
+        for word in ["", "a b", " \x01\x1b\x7f\r\n\t \u{85}\u{9b}", "%i %% 100%", r#"\"'\x41\\"#, "é ✓", "#;"] {
             let words = split(&quote(word)).unwrap();
             assert_eq!(words.len(), 1, "{word:?}");
             assert_eq!(specifiers.expand(&words[0]).unwrap(), word);

@@ -37,8 +37,9 @@ pub struct Plan {
     pub seccomp: Option<Vec<u8>>,
     pub init: bool,
     pub console: Option<PathBuf>,
-    /// The container's own terminal (the pty's slave), for stdin, stdout and stderr.
-    pub terminal: Option<std::os::fd::RawFd>,
+    /// The container's own terminal (the pty's slave), and which of stdin, stdout and stderr
+    /// it takes the place of (those that were the caller's terminal).
+    pub terminal: Option<(std::os::fd::RawFd, Vec<i32>)>,
     /// `DriverLibraries=yes`: the host driver's files, and the scratch directory for them.
     pub driver: Option<(gpubox_devices::driver::DriverFiles, PathBuf)>,
     /// Paths in /proc to hide (other GPUs' driver entries).
@@ -80,24 +81,28 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
     // so it is set again once they are final). A supervisor killed before this line closed
     // `go`, and the read below ends the child.
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
+    // Modes of what gpubox makes inside (mount points, the overlays' layers) and the payload's
+    // own umask do not depend on the caller's (an admin's may be 077): Docker's 022.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     // A session of its own, never the caller's terminal (terminal.rs says why); its own
     // terminal when there is one.
     nix::unistd::setsid().context("starting a session")?;
-    if let Some(tty) = plan.terminal {
-        for fd in 0..3 {
-            // SAFETY: dup2 onto 0–2 replaces the child's stdio; tty is the pty slave the
-            // supervisor left open for it.
-            if unsafe { libc::dup2(tty, fd) } < 0 {
-                return Err(anyhow!("giving the container its terminal: {}", std::io::Error::last_os_error()).into());
-            }
-        }
-        // SAFETY: TIOCSCTTY takes an int argument (0: do not steal); fd 0 is the pty's slave.
-        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+    if let Some((tty, replaces)) = &plan.terminal {
+        let tty = *tty;
+        // SAFETY: TIOCSCTTY takes an int argument (0: do not steal); tty is the pty's slave.
+        if unsafe { libc::ioctl(tty, libc::TIOCSCTTY, 0) } < 0 {
             return Err(anyhow!(
                 "making the container's terminal its controlling terminal: {}",
                 std::io::Error::last_os_error()
             )
             .into());
+        }
+        for &fd in replaces {
+            // SAFETY: dup2 onto 0–2 replaces the child's stdio; tty is the pty slave the
+            // supervisor left open for it.
+            if unsafe { libc::dup2(tty, fd) } < 0 {
+                return Err(anyhow!("giving the container its terminal: {}", std::io::Error::last_os_error()).into());
+            }
         }
     }
     // Nothing the caller had open reaches the payload: only stdin, stdout, stderr and the

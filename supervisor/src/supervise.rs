@@ -103,10 +103,10 @@ pub fn run(
     if plan.user_namespace {
         check_reachable(&plan, owner)?;
     }
-    let mut terminal = Terminal::for_stdin(owner)?;
+    let mut terminal = Terminal::for_stdio(owner)?;
     if let Some(t) = &terminal {
         plan.console = Some(t.slave_path.clone());
-        plan.terminal = t.slave.as_ref().map(AsRawFd::as_raw_fd);
+        plan.terminal = t.slave.as_ref().map(|s| (s.as_raw_fd(), t.replaces.clone()));
     }
     let mut run_dir = RuntimeDir::create(&d.name, mode.systemd)?;
     if let Some(files) = driver {

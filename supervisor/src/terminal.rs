@@ -22,6 +22,9 @@ pub struct Terminal {
     /// the container's end of file reaches us.
     pub slave: Option<OwnedFd>,
     pub slave_path: PathBuf,
+    /// Which of our stdin, stdout and stderr are the caller's terminal: the container's
+    /// terminal takes their place, and only those.
+    pub replaces: Vec<i32>,
     saved: Option<Termios>,
     /// Each direction stops at its end of file.
     input_open: bool,
@@ -32,11 +35,15 @@ nix::ioctl_read_bad!(get_winsize, libc::TIOCGWINSZ, libc::winsize);
 nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, libc::winsize);
 
 impl Terminal {
-    /// A pseudo-terminal for the container if our stdin is a terminal; its slave is owned by
-    /// `owner` (the container's root on the host), as a login's terminal is its user's.
-    pub fn for_stdin(owner: u32) -> Result<Option<Terminal>> {
-        let stdin = std::io::stdin();
-        if !nix::unistd::isatty(stdin.as_fd()).unwrap_or(false) {
+    /// A pseudo-terminal for the container if any of our stdin, stdout and stderr is a
+    /// terminal (`< /dev/null` from a shell leaves stdout one, which a payload could read the
+    /// caller's typing from); its slave is owned by `owner` (the container's root on the
+    /// host), as a login's terminal is its user's.
+    pub fn for_stdio(owner: u32) -> Result<Option<Terminal>> {
+        // SAFETY: 0–2 stay open for the supervisor's life; isatty only asks.
+        let replaces: Vec<i32> =
+            (0..3).filter(|&fd| nix::unistd::isatty(unsafe { BorrowedFd::borrow_raw(fd) }).unwrap_or(false)).collect();
+        if replaces.is_empty() {
             return Ok(None);
         }
         let pty = nix::pty::openpty(None, None).context("allocating a pseudo-terminal for the container")?;
@@ -51,16 +58,21 @@ impl Terminal {
             master: std::fs::File::from(pty.master),
             slave: Some(pty.slave),
             slave_path,
+            input_open: replaces.contains(&libc::STDIN_FILENO),
+            replaces,
             saved: None,
-            input_open: true,
             output_open: true,
         };
         terminal.resize();
         Ok(Some(terminal))
     }
 
-    /// Raw mode on the caller's terminal, until this is dropped.
+    /// Raw mode on the caller's terminal, until this is dropped (where we read it: the
+    /// container's terminal does the line editing then).
     pub fn make_raw(&mut self) {
+        if !self.input_open {
+            return;
+        }
         let stdin = std::io::stdin();
         if let Ok(saved) = termios::tcgetattr(stdin.as_fd()) {
             let mut raw = saved.clone();
@@ -75,9 +87,10 @@ impl Terminal {
     /// payload's foreground process group SIGWINCH).
     pub fn resize(&self) {
         let mut size: libc::winsize = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+        let Some(&tty) = self.replaces.first() else { return };
         // SAFETY: TIOCGWINSZ fills the winsize it is given; TIOCSWINSZ reads one.
         unsafe {
-            if get_winsize(std::io::stdin().as_raw_fd(), &mut size).is_ok() {
+            if get_winsize(tty, &mut size).is_ok() {
                 let _ = set_winsize(self.master.as_raw_fd(), &size);
             }
         }
@@ -127,8 +140,14 @@ impl Terminal {
                 false
             }
             Ok(n) => {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(&buf[..n]).and_then(|_| out.flush());
+                // To the caller's terminal: our stdout if it is one, else our stderr.
+                let written = if self.replaces.contains(&libc::STDOUT_FILENO) {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&buf[..n]).and_then(|_| out.flush())
+                } else {
+                    std::io::stderr().lock().write_all(&buf[..n])
+                };
+                let _ = written;
                 true
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,

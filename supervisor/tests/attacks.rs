@@ -122,6 +122,67 @@ else:
     assert!(!shown.contains(&console), "/dev/console is the caller's terminal: {shown}");
 }
 
+/// The same with stdin from /dev/null and stdout on the terminal (`gpubox … < /dev/null` from
+/// a shell): the payload must not read what the caller types from its stdout.
+#[test]
+fn a_payload_cannot_read_the_callers_typing_through_stdout() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let def = definition(
+        dir.path(),
+        "snoop",
+        "[Container]\nExec=/usr/bin/env python3 -c 'import os, select; r, _, _ = select.select([1], [], [], 3); print(\"read=\" + (os.read(1, 100).decode(errors=\"replace\").strip() if r else \"nothing\"))'\n",
+    );
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = pty.slave.as_raw_fd();
+    let mut command = Command::new(SUPERVISOR);
+    command.args(["run", "--definition"]).arg(&def).env_remove("INVOCATION_ID").stdin(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            libc::setsid();
+            libc::ioctl(slave, libc::TIOCSCTTY, 0);
+            libc::dup2(slave, 1);
+            libc::dup2(slave, 2);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let master = fs::File::from(pty.master);
+    std::thread::sleep(Duration::from_millis(700));
+    // The caller types.
+    std::io::Write::write_all(&mut &master, b"SECRET\n").unwrap();
+    nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+    let mut shown = Vec::new();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = (&master).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            shown.extend_from_slice(&buf[..n]);
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = (&master).read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        shown.extend_from_slice(&buf[..n]);
+    }
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(shown.contains("read="), "{shown}");
+    assert!(!shown.contains("read=SECRET"), "the payload read the caller's typing: {shown}");
+}
+
 /// High: a descriptor the caller left open (`exec 7</` before the start) let the payload read
 /// and write host files from its own root (CVE-2024-21626 class).
 #[test]

@@ -239,7 +239,12 @@ fn driver_libraries_as_the_host_loader_has_them() {
     let root = glibc_root(drivers.dir.path());
     let before = snapshot(&root);
     let env = [("GPUBOX_LD_CACHE", drivers.cache.as_os_str())];
-    for (extra, exec) in [("", "/usr/bin/cudaprog"), ("ReadOnly=yes\n", "/usr/bin/cudaprog clear")] {
+    // umask 077 (the fresh host's) must not make the loader's directory unreadable to a user.
+    for (extra, exec) in [
+        ("", "/usr/bin/cudaprog"),
+        ("ReadOnly=yes\n", "/usr/bin/cudaprog clear"),
+        ("User=65534\n", "/usr/bin/cudaprog"),
+    ] {
         let def = definition(
             drivers.dir.path(),
             "driver",
