@@ -126,7 +126,9 @@ fn of_gpu(gpu: &Gpu) -> Candidate {
         (None, None) => Selector::All,
     };
     let label = select::selector_forms(gpu).into_iter().next().unwrap_or_else(|| selector.to_string());
-    let sysfs = gpu.pci.map(|p| Path::new("/sys/bus/pci/devices").join(p.to_string()));
+    // GPUBOX_SYSFS replaces /sys, for tests with a stand-in topology.
+    let root = std::env::var_os("GPUBOX_SYSFS").map(std::path::PathBuf::from).unwrap_or_else(|| "/sys".into());
+    let sysfs = gpu.pci.map(|p| root.join("bus/pci/devices").join(p.to_string()));
     let numa = sysfs
         .as_ref()
         .and_then(|s| std::fs::read_to_string(s.join("numa_node")).ok())
@@ -135,7 +137,7 @@ fn of_gpu(gpu: &Gpu) -> Candidate {
     let pci_path = sysfs
         .and_then(|s| std::fs::canonicalize(s).ok())
         .map(|p| {
-            p.strip_prefix("/sys/devices")
+            p.strip_prefix(root.join("devices"))
                 .unwrap_or(&p)
                 .components()
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())

@@ -44,6 +44,8 @@ pub struct Plan {
     pub driver: Option<(gpubox_devices::driver::DriverFiles, PathBuf)>,
     /// Paths in /proc to hide (other GPUs' driver entries).
     pub hidden: Vec<PathBuf>,
+    /// `NUMA=yes`: CPU affinity and memory policy for the payload.
+    pub numa: Option<crate::numa::Binding>,
     /// Stop once the file system is built, for the supervisor to run hooks.
     pub hooks_barrier: bool,
 }
@@ -150,6 +152,9 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
     let cwd = plan.working_directory.clone().unwrap_or_else(|| PathBuf::from("/"));
     nix::unistd::chdir(&cwd).map_err(|e| Failure(SETUP_FAILED, anyhow!("WorkingDirectory={}: {e}", cwd.display())))?;
 
+    if let Some(binding) = &plan.numa {
+        crate::numa::apply(binding).context("NUMA=yes: binding the payload's CPUs and memory")?;
+    }
     // With no_new_privs off, a seccomp filter needs CAP_SYS_ADMIN (in our namespace), so it
     // goes in before the capabilities are dropped; otherwise as late as possible.
     if !plan.no_new_privileges {

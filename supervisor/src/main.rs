@@ -16,6 +16,7 @@ mod live;
 mod log;
 mod mount_helper;
 mod node_modes;
+mod numa;
 mod reach;
 mod rootfs;
 mod seccomp;
@@ -55,6 +56,13 @@ fn main() -> ExitCode {
         ["run", name] if !name.starts_with('-') => Target::Name(name.to_owned()),
         // The supervisor's own helpers (see mount_helper.rs, systemd.rs); not for people.
         ["mount-helper", owner, dir] => return helper(|| mount_helper::serve(owner.parse()?, dir.as_ref())),
+        ["numa-allow", unit, cpus, nodes] => {
+            return helper(|| {
+                let parse = |l: &str| numa::parse_list(l).ok_or_else(|| anyhow::anyhow!("bad list {l}"));
+                let nodes = parse(nodes)?.into_iter().map(|n| n as u32).collect();
+                systemd::set_numa(unit, Some(&numa::Binding { cpus: parse(cpus)?, nodes }))
+            });
+        }
         ["device-allow", unit, ref entries @ ..] => {
             let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
             return helper(|| systemd::set_device_allow(unit, &entries));

@@ -21,6 +21,8 @@ pub struct StartDevices {
     pub selectors: Vec<Selector>,
     /// `/proc/driver/nvidia/gpus/BUS` of the host's other NVIDIA GPUs, hidden inside.
     pub hidden: Vec<std::path::PathBuf>,
+    /// `NUMA=yes`: the CPUs and memory nodes of the GPUs' NUMA nodes.
+    pub numa: Option<crate::numa::Binding>,
 }
 
 pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDevices> {
@@ -57,13 +59,15 @@ pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDev
             })
             .collect();
         let hidden = hidden_nvidia_entries(&inventory, &selection);
-        return Ok(StartDevices { selection, devices, held, selectors, hidden });
+        let numa = numa_binding(d, &chosen);
+        return Ok(StartDevices { selection, devices, held, selectors, hidden, numa });
     }
     // With Hotplug=yes a GPU that is not there yet is waited for, not an error.
     let optional = gpu.optional || gpu.hotplug;
     let selection = gpubox_devices::select(&inventory, &gpu.devices, optional).map_err(anyhow::Error::msg)?;
     let mut devices = Vec::new();
     let mut held = Vec::new();
+    let mut matched_all = Vec::new();
     for selector in &gpu.devices {
         let one = gpubox_devices::select(&inventory, std::slice::from_ref(selector), true).unwrap_or_default();
         if !one.nodes.is_empty() || !one.mounts.is_empty() {
@@ -72,8 +76,40 @@ pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDev
         // Held too: shared, unless Exclusive=yes; either way none held exclusively by another.
         let matched = allocation::candidates(&inventory, std::slice::from_ref(selector)).unwrap_or_default();
         held.extend(allocator::hold_all(&d.name, &matched, gpu.exclusive())?);
+        matched_all.extend(matched);
     }
-    Ok(StartDevices { selection, devices, held, selectors: gpu.devices.clone(), hidden: Vec::new() })
+    let numa = numa_binding(d, &matched_all.iter().collect::<Vec<_>>());
+    Ok(StartDevices { selection, devices, held, selectors: gpu.devices.clone(), hidden: Vec::new(), numa })
+}
+
+/// `NUMA=yes`: the binding for these GPUs' NUMA nodes, logged; none (with a warning) where a
+/// GPU's node is not known.
+fn numa_binding(d: &Definition, gpus: &[&Candidate]) -> Option<crate::numa::Binding> {
+    if !d.gpu.numa || gpus.is_empty() {
+        return None;
+    }
+    let mut nodes: Vec<u32> = Vec::new();
+    for c in gpus {
+        match c.numa {
+            Some(n) if !nodes.contains(&n) => nodes.push(n),
+            Some(_) => {}
+            None => {
+                log::warn(&format!("NUMA=yes: the NUMA node of {} is not known; the container is not bound", c.label));
+                return None;
+            }
+        }
+    }
+    nodes.sort_unstable();
+    let binding = crate::numa::binding(&nodes);
+    match &binding {
+        Some(b) => log::info(&format!(
+            "NUMA=yes: CPUs {} and memory of node {}",
+            crate::numa::format_list(&b.cpus),
+            nodes.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        )),
+        None => log::warn("NUMA=yes: the GPUs' NUMA nodes have no CPU list; the container is not bound"),
+    }
+    binding
 }
 
 /// GPUs `selectors` name now, held for a live attach or hotplug by container `name`; an error

@@ -96,6 +96,7 @@ pub fn run(
         hooks_barrier: false,
         driver: None,
         hidden: start.hidden.clone(),
+        numa: start.numa.clone(),
     };
     let mut plan = plan;
     let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
@@ -146,6 +147,14 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     // are made: DevicePolicy=closed covers mknod too. zbus would start threads, and the clone
     // below needs a single-threaded process, so a helper process makes the call.
     let unit = cgroup.as_ref().filter(|c| c.delegated).and_then(|_| systemd::own_unit());
+    // NUMA=yes under systemd: the unit's cpuset too, a bound the payload cannot widen.
+    let numa_unit = unit.clone().filter(|_| plan.numa.is_some());
+    if let (Some(unit), Some(binding)) = (&numa_unit, &plan.numa) {
+        if let Err(e) = systemd::set_numa_in_helper(unit, binding) {
+            cg_cleanup(cgroup);
+            return Err(e);
+        }
+    }
     let mut allowed_by_systemd = Vec::new();
     if let (Some(unit), false) = (&unit, selection.nodes.is_empty()) {
         allowed_by_systemd = systemd::device_allow_entries(&selection.nodes, &[]);
@@ -243,6 +252,11 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     let revoke = |unit: &Option<String>| {
         if let Some(unit) = unit {
             if let Err(e) = systemd::set_device_allow(unit, &[]) {
+                log::warn(&format!("{e:#}"));
+            }
+        }
+        if let Some(unit) = &numa_unit {
+            if let Err(e) = systemd::set_numa(unit, None) {
                 log::warn(&format!("{e:#}"));
             }
         }

@@ -134,3 +134,44 @@ fn forget_runtime_dropin(unit: &str) {
     let _ = std::fs::remove_file(dir.join("50-DeviceAllow.conf"));
     let _ = std::fs::remove_dir(&dir);
 }
+
+/// `NUMA=yes` under systemd: the unit's `AllowedCPUs=` and `AllowedMemoryNodes=` (cpusets that
+/// systemd owns), or, with `None`, both reset and their runtime drop-ins gone, so that a
+/// stopped unit keeps nothing of ours.
+pub fn set_numa(unit: &str, binding: Option<&crate::numa::Binding>) -> Result<()> {
+    let (cpus, nodes) = match binding {
+        Some(b) => (
+            crate::numa::bitmask(&b.cpus),
+            crate::numa::bitmask(&b.nodes.iter().map(|&n| n as usize).collect::<Vec<_>>()),
+        ),
+        None => (Vec::new(), Vec::new()),
+    };
+    let properties: Vec<(&str, Value)> =
+        vec![("AllowedCPUs", Value::from(cpus)), ("AllowedMemoryNodes", Value::from(nodes))];
+    manager(&bus()?)?
+        .call_method("SetUnitProperties", &(unit, true, &properties))
+        .with_context(|| format!("setting AllowedCPUs=/AllowedMemoryNodes= of {unit} through systemd"))?;
+    if binding.is_none() {
+        let dir = std::path::Path::new("/run/systemd/system.control").join(format!("{unit}.d"));
+        for file in ["50-AllowedCPUs.conf", "50-AllowedMemoryNodes.conf"] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    Ok(())
+}
+
+/// The same from a short-lived `gpubox-supervisor numa-allow UNIT CPUS NODES` child, before the
+/// clone (see [`set_device_allow_in_helper`]).
+pub fn set_numa_in_helper(unit: &str, binding: &crate::numa::Binding) -> Result<()> {
+    let nodes: Vec<usize> = binding.nodes.iter().map(|&n| n as usize).collect();
+    let out = std::process::Command::new("/proc/self/exe")
+        .args(["numa-allow", unit, &crate::numa::format_list(&binding.cpus), &crate::numa::format_list(&nodes)])
+        .output()
+        .context("starting the numa-allow helper")?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr).trim())
+    }
+}

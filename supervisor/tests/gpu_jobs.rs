@@ -193,3 +193,37 @@ fn holders_are_visible_and_impossible_counts_are_refused() {
     assert_eq!(r.code, 125);
     assert!(r.err.contains("Count=3, but the selectors match only 2 GPUs"), "{}", r.err);
 }
+
+/// `NUMA=yes`: the payload runs on its GPU's NUMA node's CPUs, with its memory bound there.
+/// The stand-in GPU's node and that node's CPUs come from a stand-in sysfs (`GPUBOX_SYSFS`):
+/// node 0 with CPU 1 only, so the effect is visible on any machine with two CPUs.
+#[test]
+fn numa_binds_the_payload_to_its_gpus_node() {
+    if !privileged() {
+        return;
+    }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipping: needs two CPUs");
+        return;
+    }
+    let gpu = NvidiaStandIn::with_gpus(1);
+    let sysfs = tempfile::tempdir().unwrap();
+    let pci = sysfs.path().join(format!("bus/pci/devices/0000:{:02x}:00.0", gpu.minor));
+    std::fs::create_dir_all(&pci).unwrap();
+    std::fs::write(pci.join("numa_node"), "0\n").unwrap();
+    let node = sysfs.path().join("devices/system/node/node0");
+    std::fs::create_dir_all(&node).unwrap();
+    std::fs::write(node.join("cpulist"), "1\n").unwrap();
+    let def = definition(
+        gpu.dir.path(),
+        &format!("numa{}", std::process::id()),
+        "[Container]\nExec=/bin/sh -c 'grep Cpus_allowed_list /proc/self/status | tr -d \"\\t\" | tr : =; grep -c bind:0 /proc/self/numa_maps | sed s/^/bound=/'\n[GPU]\nCount=1\nNUMA=yes\n",
+    );
+    let mut env = gpu.env();
+    env.push(("GPUBOX_SYSFS", sysfs.path().as_os_str()));
+    let r = run_file(&def, &env);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(value(&r, "Cpus_allowed_list"), "1", "{}", r.err);
+    assert_ne!(value(&r, "bound"), "0", "memory bound to node 0: {}", r.out);
+    assert!(r.err.contains("NUMA=yes: CPUs 1 and memory of node 0"), "{}", r.err);
+}
