@@ -58,6 +58,8 @@ pub struct Live {
     /// The GPUs this container holds host-wide (see `allocator`), and whether alone.
     pub held: Vec<crate::allocator::Held>,
     pub exclusive: bool,
+    /// NVIDIA GPUs whose Xid errors are logged, by the driver's name for them (see `watch`).
+    pub xid: Vec<(String, String)>,
 }
 
 impl Live {

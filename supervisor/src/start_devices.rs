@@ -23,6 +23,9 @@ pub struct StartDevices {
     pub hidden: Vec<std::path::PathBuf>,
     /// `NUMA=yes`: the CPUs and memory nodes of the GPUs' NUMA nodes.
     pub numa: Option<crate::numa::Binding>,
+    /// The NVIDIA GPUs it holds, as the driver's Xid messages name them (`0000:65:00`), with
+    /// their names: their Xid errors go to the container's log.
+    pub xid: Vec<(String, String)>,
 }
 
 pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDevices> {
@@ -60,7 +63,8 @@ pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDev
             .collect();
         let hidden = hidden_nvidia_entries(&inventory, &selection);
         let numa = numa_binding(d, &chosen);
-        return Ok(StartDevices { selection, devices, held, selectors, hidden, numa });
+        let xid = xid_names(&inventory, &selection);
+        return Ok(StartDevices { selection, devices, held, selectors, hidden, numa, xid });
     }
     // With Hotplug=yes a GPU that is not there yet is waited for, not an error.
     let optional = gpu.optional || gpu.hotplug;
@@ -79,7 +83,8 @@ pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDev
         matched_all.extend(matched);
     }
     let numa = numa_binding(d, &matched_all.iter().collect::<Vec<_>>());
-    Ok(StartDevices { selection, devices, held, selectors: gpu.devices.clone(), hidden: Vec::new(), numa })
+    let xid = xid_names(&inventory, &selection);
+    Ok(StartDevices { selection, devices, held, selectors: gpu.devices.clone(), hidden: Vec::new(), numa, xid })
 }
 
 /// `NUMA=yes`: the binding for these GPUs' NUMA nodes, logged; none (with a warning) where a
@@ -136,6 +141,21 @@ fn status_entry(name: &str, one: &Selection, how: &str) -> gpubox_control::Devic
         how: how.into(),
         mounts: one.mounts.iter().map(|m| m.container_path.clone()).collect(),
     }
+}
+
+/// The selected NVIDIA GPUs as the driver's Xid messages name them: `DDDD:BB:DD` (no function).
+fn xid_names(inventory: &Inventory, selection: &Selection) -> Vec<(String, String)> {
+    inventory
+        .gpus
+        .iter()
+        .filter(|g| g.nvidia.is_some())
+        .filter(|g| allocation::own_nodes(g).iter().any(|n| selection.nodes.iter().any(|s| s.path == n.path)))
+        .filter_map(|g| {
+            let p = g.pci?;
+            let label = gpubox_devices::select::selector_forms(g).into_iter().next().unwrap_or_default();
+            Some((format!("{:04x}:{:02x}:{:02x}", p.domain, p.bus, p.device), label))
+        })
+        .collect()
 }
 
 /// The driver's `/proc` entries of the NVIDIA GPUs the container was not given, which

@@ -135,7 +135,7 @@ struct HostSide<'a> {
 
 fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSide, mode: &Mode) -> Result<i32> {
     let HostSide { staging, owner, mut terminal } = host;
-    let StartDevices { selection, devices: start_devices, held, selectors, .. } = start;
+    let StartDevices { selection, devices: start_devices, held, selectors, xid, .. } = start;
     let selection = &selection;
     let threads = signals::other_threads();
     if !threads.is_empty() {
@@ -344,9 +344,10 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         host_modes: host_modes.iter().filter_map(|(n, spec, mode)| FollowedNode::open(pid, n, spec, *mode)).collect(),
         held,
         exclusive: d.gpu.exclusive(),
+        xid,
     }));
     // Containers with devices follow udev's events; one without gets there at its first attach.
-    if !d.gpu.devices.is_empty() {
+    if !d.gpu.devices.is_empty() || d.gpu.count.is_some() {
         watch::follow(&live);
     }
 

@@ -91,6 +91,10 @@ pub fn follow(live: &Shared) {
                     .ok()
             })
             .flatten();
+        // The NVIDIA driver's Xid errors (a GPU fault, a fallen-off bus) on the container's GPUs
+        // go to its own log, where the job's owner looks; from now on, not the boot's backlog.
+        let xid = live.lock().expect("live state lock").xid.clone();
+        let kmsg = (!xid.is_empty()).then(open_kmsg).flatten();
         // What changed between the container's start and the monitors being open.
         settle(&live, Due { added: true, removed: true, configured: true }, modes.as_ref());
         // Connected now, so that no event waits for it.
@@ -104,6 +108,9 @@ pub fn follow(live: &Shared) {
             }
             if let Some(m) = &modes {
                 fds.push(nix::poll::PollFd::new(m.as_fd(), nix::poll::PollFlags::POLLIN));
+            }
+            if let Some(k) = &kmsg {
+                fds.push(nix::poll::PollFd::new(k.as_fd(), nix::poll::PollFlags::POLLIN));
             }
             match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -131,6 +138,9 @@ pub fn follow(live: &Shared) {
                     EventType::Change => due.configured = true,
                     _ => {}
                 }
+            }
+            if let Some(k) = &kmsg {
+                report_xids(k, &xid);
             }
             if modes.as_ref().is_some_and(|m| m.read_events().is_ok_and(|e| !e.is_empty())) {
                 due.configured = true;
@@ -203,4 +213,64 @@ fn settle(live: &Shared, due: Due, modes: Option<&Inotify>) -> bool {
         crate::control::announce(&live.status());
     }
     live.state == "running"
+}
+
+/// `/dev/kmsg`, at its end, not blocking.
+fn open_kmsg() -> Option<std::fs::File> {
+    use std::io::Seek;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open("/dev/kmsg").ok()?;
+    file.seek(std::io::SeekFrom::End(0)).ok()?;
+    Some(file)
+}
+
+/// Logs the driver's Xid messages about `gpus` among the kernel's new records.
+fn report_xids(kmsg: &std::fs::File, gpus: &[(String, String)]) {
+    use std::io::Read;
+    let mut buf = [0u8; 8192];
+    // One record per read; EAGAIN at the end, EPIPE when records were overwritten (go on).
+    loop {
+        match (&*kmsg).read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if let Some((bus, label, message)) = xid_of(&String::from_utf8_lossy(&buf[..n]), gpus) {
+                    log::warn(&format!("NVIDIA Xid on {label} ({bus}): {message}"));
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// The GPU and message of an Xid record (`…;NVRM: Xid (PCI:0000:65:00): 79, pid=…, GPU has
+/// fallen off the bus.`) about one of `gpus`.
+fn xid_of<'a>(record: &'a str, gpus: &'a [(String, String)]) -> Option<(&'a str, &'a str, &'a str)> {
+    let message = record.split_once(';')?.1.lines().next()?;
+    let rest = message.split_once("NVRM: Xid (PCI:")?.1;
+    let (bus, _) = rest.split_once(')')?;
+    let (_, label) = gpus.iter().find(|(b, _)| b.eq_ignore_ascii_case(bus))?;
+    Some((bus, label.as_str(), message.split_once("NVRM: ")?.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xid_records_of_the_containers_gpus() {
+        let gpus = vec![("0000:65:00".to_owned(), "nvidia:1".to_owned())];
+        let record =
+            "4,1234,5678,-;NVRM: Xid (PCI:0000:65:00): 79, pid=4242, name=python3, GPU has fallen off the bus.\n";
+        assert_eq!(
+            xid_of(record, &gpus),
+            Some((
+                "0000:65:00",
+                "nvidia:1",
+                "Xid (PCI:0000:65:00): 79, pid=4242, name=python3, GPU has fallen off the bus."
+            ))
+        );
+        assert_eq!(xid_of("4,1,2,-;NVRM: Xid (PCI:0000:66:00): 13, Graphics Exception\n", &gpus), None);
+        assert_eq!(xid_of("6,1,2,-;usb 1-1: new device\n", &gpus), None);
+    }
 }

@@ -227,3 +227,33 @@ fn numa_binds_the_payload_to_its_gpus_node() {
     assert_ne!(value(&r, "bound"), "0", "memory bound to node 0: {}", r.out);
     assert!(r.err.contains("NUMA=yes: CPUs 1 and memory of node 0"), "{}", r.err);
 }
+
+/// An Xid error of the NVIDIA driver on a job's GPU reaches the job's own log; one on another
+/// GPU does not. The records are written to /dev/kmsg as the driver's look.
+#[test]
+fn xid_errors_of_its_gpus_reach_the_jobs_log() {
+    if !privileged() {
+        return;
+    }
+    let gpu = NvidiaStandIn::with_gpus(1);
+    let name = format!("xid{}", std::process::id());
+    let def = definition(gpu.dir.path(), &name, "[Container]\nExec=sleep 60\nInit=yes\n[GPU]\nCount=1\n");
+    let mut child = Running(start(&gpu, &def));
+    let t = Instant::now();
+    while !Path::new("/run/gpubox").join(&name).join("control").exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let own =
+        format!("NVRM: Xid (PCI:0000:{:02x}:00): 79, pid=4242, name=python3, GPU has fallen off the bus.\n", gpu.minor);
+    let other = "NVRM: Xid (PCI:0000:fe:00): 13, Graphics Exception on another GPU\n";
+    std::fs::write("/dev/kmsg", other).unwrap();
+    std::fs::write("/dev/kmsg", &own).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let out = std::mem::replace(&mut child.0, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NVIDIA Xid on nvidia:0") && err.contains("79, pid=4242"), "{err}");
+    assert!(!err.contains("Graphics Exception on another GPU"), "{err}");
+}
