@@ -3,6 +3,7 @@
 //! payload's status, 128+N if it was killed by signal N, 125 if the container could not start.
 
 mod run;
+mod usage;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -53,9 +54,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::List => list(cli.json),
-        Command::Status { name } => with_client(&name, cli.json, |c| c.status()),
-        Command::Attach { name, selector } => with_client(&name, cli.json, |c| c.attach(&selector)),
-        Command::Detach { name, selector } => with_client(&name, cli.json, |c| c.detach(&selector)),
+        Command::Status { name } => with_client(&name, cli.json, true, |c| c.status()),
+        Command::Attach { name, selector } => with_client(&name, cli.json, false, |c| c.attach(&selector)),
+        Command::Detach { name, selector } => with_client(&name, cli.json, false, |c| c.detach(&selector)),
         Command::Hotplug { action, devnode } => Ok(hotplug(&action, &devnode)),
         Command::Devices => devices(cli.json),
         Command::Completions { shell } => {
@@ -80,9 +81,12 @@ fn main() -> ExitCode {
 
 const NOT_RUNNING: u8 = 3;
 
+/// Calls the container's supervisor and prints the status it answers; with `usage`, also what
+/// the container's processes use of its NVIDIA GPUs (usage.rs).
 fn with_client(
     name: &str,
     json: bool,
+    usage: bool,
     call: impl FnOnce(&gpubox_control::Client) -> Result<gpubox_control::Status, gpubox_control::Error>,
 ) -> Result<ExitCode> {
     let status = match gpubox_control::Client::connect(name).and_then(|c| call(&c)) {
@@ -96,8 +100,15 @@ fn with_client(
             return Ok(ExitCode::FAILURE);
         }
     };
+    let usage = usage.then(|| usage::of(&status));
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        let mut value = serde_json::to_value(&status)?;
+        match &usage {
+            Some(Ok(u)) if !u.is_empty() => value["usage"] = serde_json::to_value(u)?,
+            Some(Err(e)) => value["usage_unavailable"] = e.clone().into(),
+            _ => {}
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!(
             "{} ({}), payload pid {}, hotplug {}",
@@ -116,6 +127,22 @@ fn with_client(
                 let mounts: Vec<String> = d.mounts.iter().map(|m| m.display().to_string()).collect();
                 println!("    mounts: {}", mounts.join(" "));
             }
+        }
+        match &usage {
+            Some(Ok(list)) => {
+                for u in list {
+                    let sm = u.sm_percent.map_or("SM -".to_owned(), |p| format!("SM {p} %"));
+                    println!(
+                        "  {}: {} process{} of the container's, {} of GPU memory, {sm}",
+                        u.gpu,
+                        u.processes,
+                        if u.processes == 1 { "" } else { "es" },
+                        usage::human(u.memory_bytes)
+                    );
+                }
+            }
+            Some(Err(e)) => println!("  GPU usage: not available: {e}"),
+            None => {}
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -257,3 +257,30 @@ fn xid_errors_of_its_gpus_reach_the_jobs_log() {
     assert!(err.contains("NVIDIA Xid on nvidia:0") && err.contains("79, pid=4242"), "{err}");
     assert!(!err.contains("Graphics Exception on another GPU"), "{err}");
 }
+
+/// `gpuboxctl status` shows what the container's own processes use of its GPU (NVML's
+/// processes, matched by cgroup): the stand-in libnvidia-ml reports the payload and a process
+/// outside the container on the GPU; only the payload counts.
+#[test]
+fn status_shows_the_containers_own_gpu_use() {
+    if !privileged() {
+        return;
+    }
+    let gpu = NvidiaStandIn::with_gpus(1);
+    let name = format!("use{}", std::process::id());
+    let def = definition(gpu.dir.path(), &name, "[Container]\nExec=sleep 60\n[GPU]\nCount=1\n");
+    let _child = Running(start(&gpu, &def));
+    let t = Instant::now();
+    while !Path::new("/run/gpubox").join(&name).join("control").exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
+    let status = Command::new(&ctl).args(["status", &name, "--json"]).envs(gpu.env()).output().unwrap();
+    let pid = serde_json::from_slice::<serde_json::Value>(&status.stdout).unwrap()["pid"].as_i64().unwrap();
+    let procs = format!("{pid}:1073741824:40,{}:999:50", std::process::id());
+    let out =
+        Command::new(&ctl).args(["status", &name]).envs(gpu.env()).env("FAKE_NVML_PROCS", &procs).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("nvidia:0: 1 process of the container's, 1.0 GiB of GPU memory, SM 40 %"), "{text}");
+}

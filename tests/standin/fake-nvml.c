@@ -58,3 +58,55 @@ nvmlReturn_t nvmlDeviceGetMinorNumber(nvmlDevice_t d, unsigned int *minor) {
     *minor = m ? (unsigned int)atoi(m) : 0;
     return 0;
 }
+
+/* Processes on the GPU, for `gpuboxctl status`: $FAKE_NVML_PROCS is "PID:BYTES:SM,…". */
+typedef struct { unsigned int pid; unsigned long long usedGpuMemory; unsigned int gpuInstanceId; unsigned int computeInstanceId; } nvmlProcessInfo_t;
+typedef struct { unsigned int pid; unsigned long long timeStamp; unsigned int smUtil, memUtil, encUtil, decUtil; } nvmlProcessUtilizationSample_t;
+
+static unsigned int fake_procs(unsigned int *pids, unsigned long long *bytes, unsigned int *sm, unsigned int max) {
+    const char *env = getenv("FAKE_NVML_PROCS");
+    unsigned int n = 0;
+    while (env && *env && n < max) {
+        unsigned int pid = 0, util = 0;
+        unsigned long long b = 0;
+        if (sscanf(env, "%u:%llu:%u", &pid, &b, &util) != 3) break;
+        pids[n] = pid; bytes[n] = b; sm[n] = util; n++;
+        env = strchr(env, ',');
+        if (env) env++;
+    }
+    return n;
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *bus, nvmlDevice_t *handle) {
+    (void)bus;
+    *handle = &device;
+    return 0;
+}
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned int *count, nvmlProcessInfo_t *infos) {
+    unsigned int pids[64], sm[64];
+    unsigned long long bytes[64];
+    unsigned int n = fake_procs(pids, bytes, sm, 64);
+    (void)d;
+    if (!infos || *count < n) { *count = n; return n ? 7 /* INSUFFICIENT_SIZE */ : 0; }
+    for (unsigned int i = 0; i < n; i++) {
+        infos[i].pid = pids[i]; infos[i].usedGpuMemory = bytes[i];
+        infos[i].gpuInstanceId = 0xFFFFFFFF; infos[i].computeInstanceId = 0xFFFFFFFF;
+    }
+    *count = n;
+    return 0;
+}
+
+nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, nvmlProcessUtilizationSample_t *samples, unsigned int *count, unsigned long long last) {
+    unsigned int pids[64], sm[64];
+    unsigned long long bytes[64];
+    unsigned int n = fake_procs(pids, bytes, sm, 64);
+    (void)d; (void)last;
+    if (!samples || *count < n) { *count = n; return n ? 7 : 0; }
+    for (unsigned int i = 0; i < n; i++) {
+        samples[i].pid = pids[i]; samples[i].timeStamp = 1; samples[i].smUtil = sm[i];
+        samples[i].memUtil = 0; samples[i].encUtil = 0; samples[i].decUtil = 0;
+    }
+    *count = n;
+    return 0;
+}
