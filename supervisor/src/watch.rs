@@ -44,6 +44,12 @@ pub fn follow(live: &Shared) {
     }
     let live = live.clone();
     let spawned = std::thread::Builder::new().name("hotplug".into()).spawn(move || {
+        // A container whose GPUs do not come by hotplug follows only their removal, which can
+        // wait a moment: the monitors are opened 100 ms after the start (the reselection below
+        // catches what happened meanwhile), so that a short job does not pay for them.
+        if !live.lock().expect("live state lock").hotplug {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         // libudev's objects stay on the thread that made them.
         let udev = match udev::MonitorBuilder::new().and_then(|b| b.match_tag(TAG)).and_then(|b| b.listen()) {
             Ok(m) => m,

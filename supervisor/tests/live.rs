@@ -196,7 +196,9 @@ fn two_hundred_cycles_and_concurrent_requests_leak_nothing() {
         return;
     }
     let c = Container::start("live-loop");
-    // The first change starts the mount helper, which stays: the steady state is after it.
+    // The watch thread opens its monitor 100 ms after the start (watch.rs), and the first
+    // change starts the mount helper, which stays: the steady state is after both.
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(c.ctl(&["attach", "live-loop", "cdi:example.com/gpu=b"]).0, 0);
     assert_eq!(c.ctl(&["detach", "live-loop", "cdi:example.com/gpu=b"]).0, 0);
     let (mounts, fds) = (c.mounts_inside(), c.supervisor_fds());
