@@ -425,11 +425,9 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
         }
         ("GPU", "Exclusive") => d.gpu.exclusive_setting = if empty { None } else { Some(k.boolean()?) },
         ("GPU", "AllocationTimeout") => {
-            d.gpu.allocation_timeout = if empty {
-                Some(std::time::Duration::ZERO)
-            } else {
-                crate::timespan::parse(&a.value).map_err(|e| k.error(e))?
-            }
+            // Empty resets to the default (infinity), as in systemd.
+            d.gpu.allocation_timeout =
+                if empty { None } else { crate::timespan::parse(&a.value).map_err(|e| k.error(e))? }
         }
         ("GPU", "NUMA") => d.gpu.numa = !empty && k.boolean()?,
         ("Unit", _) => d.unit.push(PassThrough { key: a.key.clone(), value: a.value.clone() }),

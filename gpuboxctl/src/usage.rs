@@ -54,8 +54,15 @@ pub fn of(status: &Status) -> Result<Vec<Usage>, String> {
                 nvml_wrapper::enums::device::UsedGpuMemory::Unavailable => 0,
             })
             .sum();
-        let samples = device.process_utilization_stats(None).unwrap_or_default();
-        let sm: Vec<u32> = samples.iter().filter(|s| mine(s.pid)).map(|s| s.sm_util).collect();
+        // The latest sample of each of the container's processes, added up.
+        let mut latest: std::collections::BTreeMap<u32, (u64, u32)> = std::collections::BTreeMap::new();
+        for s in device.process_utilization_stats(None).unwrap_or_default().into_iter().filter(|s| mine(s.pid)) {
+            let entry = latest.entry(s.pid).or_insert((s.timestamp, s.sm_util));
+            if s.timestamp >= entry.0 {
+                *entry = (s.timestamp, s.sm_util);
+            }
+        }
+        let sm: Vec<u32> = latest.values().map(|&(_, u)| u).collect();
         out.push(Usage {
             gpu: name,
             processes: processes.len(),

@@ -49,21 +49,49 @@ pub fn try_hold(name: &str, c: &Candidate, exclusive: bool) -> Result<Option<Hel
 }
 
 /// Every GPU of `candidates` for a container that names its GPUs (no `Count=`): all or an
-/// error naming who holds the ones it cannot have.
+/// error naming who holds the ones it cannot have. A lock held by no holder file is a waiting
+/// job trying the free GPUs for a moment (it writes its holder file only for those it keeps),
+/// or a holder on its way out: that is waited out, briefly.
 pub fn hold_all(name: &str, candidates: &[Candidate], exclusive: bool) -> Result<Vec<Held>> {
     let mut held = Vec::new();
     for c in candidates {
-        match try_hold(name, c, exclusive)? {
-            Some(h) => held.push(h),
-            None => bail!("{} is held {}", c.label, describe_holders(&holders_of(&c.key))),
+        let mut tries = 0;
+        loop {
+            if let Some(h) = try_hold(name, c, exclusive)? {
+                held.push(h);
+                break;
+            }
+            let holders = holders_of(&c.key);
+            tries += 1;
+            if !holders.is_empty() || tries > 50 {
+                bail!("{} is held {}", c.label, describe_holders(&holders));
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
     Ok(held)
 }
 
+/// A stop (SIGTERM or SIGINT, the signal's number) that came while the start waited for GPUs.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by signal {0} while waiting for GPUs")]
+pub struct Stopped(pub i32);
+
+/// SIGTERM or SIGINT pending (they are blocked from the start, see signals.rs), taken.
+pub fn stop_requested() -> Option<i32> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.add(nix::sys::signal::Signal::SIGINT);
+    let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: set is a valid sigset_t, no siginfo is asked for, zero is a valid timespec;
+    // sigtimedwait only takes a pending signal of the set, if any, without waiting.
+    let sig = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &zero) };
+    (sig > 0).then_some(sig)
+}
+
 /// `Count=`: `n` GPUs of `candidates`, chosen by topology among the free ones, waiting in the
-/// queue up to `timeout` (`None`: for ever). `waiting` is told, once a second at most, what
-/// the start waits for.
+/// queue up to `timeout` (`None`: for ever). `waiting` is told, every 30 s, what the start
+/// waits for; a SIGTERM or SIGINT ends the wait ([`Stopped`]).
 pub fn allocate(
     name: &str,
     candidates: &[Candidate],
@@ -85,19 +113,23 @@ pub fn allocate(
     let mut told = None::<Instant>;
     loop {
         if place.is_first()? {
-            let mut free: Vec<Held> = Vec::new();
-            let mut free_candidates: Vec<&Candidate> = Vec::new();
+            // The locks of the free ones first, holder files only for those kept: a container
+            // naming a GPU that this only tries sees no holder, and waits the moment out.
+            let mut free: Vec<(Lock, &Candidate)> = Vec::new();
             for c in candidates {
-                if let Some(h) = try_hold(name, c, exclusive)? {
-                    free.push(h);
-                    free_candidates.push(c);
+                let lock = locks::try_lock_mode(&format!("gpu-{}", c.key), exclusive)
+                    .with_context(|| format!("locking {}", c.label))?;
+                if let Some(lock) = lock {
+                    free.push((lock, c));
                 }
             }
+            let free_candidates: Vec<&Candidate> = free.iter().map(|(_, c)| *c).collect();
             if let Some(chosen) = allocation::choose(&free_candidates, n) {
                 let mut taken = Vec::new();
-                for (i, h) in free.into_iter().enumerate() {
+                for (i, (lock, c)) in free.into_iter().enumerate() {
                     if chosen.contains(&i) {
-                        taken.push(h);
+                        let holder = HolderFile::create(&c.key, name, exclusive)?;
+                        taken.push(Held { key: c.key.clone(), _lock: lock, _holder: holder });
                     }
                 }
                 return Ok(taken);
@@ -120,6 +152,9 @@ pub fn allocate(
                 busy.join(", ")
             )
         };
+        if let Some(sig) = stop_requested() {
+            return Err(Stopped(sig).into());
+        }
         if timeout.is_some_and(|t| started.elapsed() >= t) {
             bail!(
                 "[GPU] Count={n}: not enough free GPUs within AllocationTimeout={:?} ({})",

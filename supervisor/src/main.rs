@@ -84,6 +84,16 @@ fn main() -> ExitCode {
     log::init(target.name(), mode.systemd);
     let code = match run(&target, &mode) {
         Ok(code) => code.clamp(0, 255),
+        // Stopped before it ran, as systemd asked: a clean stop to systemd, 128+N standalone.
+        Err(e) if e.downcast_ref::<allocator::Stopped>().is_some() => {
+            let sig = e.downcast_ref::<allocator::Stopped>().map_or(libc::SIGTERM, |s| s.0);
+            log::info(&format!("{e}"));
+            if mode.systemd {
+                0
+            } else {
+                128 + sig
+            }
+        }
         Err(e) => {
             log::error(&format!("{e:#}"));
             child::SETUP_FAILED

@@ -159,6 +159,8 @@ pub fn serve(owner: u32, dir: &Path) -> Result<()> {
     // SAFETY: the supervisor starts the helper with the container's mount namespace on this
     // descriptor (see `MountHelper::start`), which nothing else here owns.
     let container = unsafe { File::from_raw_fd(HELPER_NS_FD) };
+    // Mount points it makes inside get the modes the child's get, whatever the caller's umask.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     unshare(CloneFlags::CLONE_NEWNS).context("a private mount namespace")?;
     // A slave: host mounts made later (a driver's directory) still show here, for binds.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)?;

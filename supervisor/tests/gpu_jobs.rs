@@ -131,6 +131,15 @@ fn waiting_timeouts_order_and_killed_holders() {
     assert!(t.elapsed() >= Duration::from_millis(900), "gave up early: {:?}", t.elapsed());
     assert!(r.err.contains(&format!("held by {holder_name} (exclusive)")), "{}", r.err);
 
+    // A waiting start stops on SIGTERM (systemctl stop of an "activating" unit), at once.
+    let waiter = definition(d, &format!("waiter{tag}"), "[Container]\nExec=/bin/true\n[GPU]\nCount=1\n");
+    let waiter = start(&gpu, &waiter);
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(waiter.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let r = finish(waiter, Duration::from_secs(5));
+    assert_eq!(r.code, 143, "{}", r.err);
+    assert!(r.err.contains("stopped by signal 15 while waiting for GPUs"), "{}", r.err);
+
     // A container that names the GPU is refused while the job holds it alone.
     let named = definition(d, &format!("named{tag}"), "[Container]\nExec=/bin/true\n[GPU]\nDevice=nvidia:0\n");
     let r = finish(start(&gpu, &named), Duration::from_secs(10));
