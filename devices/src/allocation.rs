@@ -29,6 +29,8 @@ pub struct Candidate {
     pub numa: Option<u32>,
     /// The GPU's sysfs device path below `/sys/devices`, by component: its PCIe ancestry.
     pub pci_path: Vec<String>,
+    /// An NVIDIA GPU's PCI address, for NVML's topology (NVLink).
+    pub nvidia_bus: Option<String>,
 }
 
 /// The GPUs the selectors match, each once (all of the inventory's without a selector).
@@ -81,6 +83,7 @@ pub fn candidates(inventory: &Inventory, selectors: &[Selector]) -> Result<Vec<C
                             label,
                             numa: None,
                             pci_path: Vec::new(),
+                            nvidia_bus: None,
                         },
                     };
                     push(&mut out, candidate);
@@ -144,12 +147,13 @@ fn of_gpu(gpu: &Gpu) -> Candidate {
                 .collect()
         })
         .unwrap_or_default();
-    Candidate { selector, label, key: key_of(gpu), numa, pci_path }
+    let nvidia_bus = gpu.nvidia.as_ref().and(gpu.pci).map(|p| p.to_string());
+    Candidate { selector, label, key: key_of(gpu), numa, pci_path, nvidia_bus }
 }
 
 /// Hops between two GPUs on the PCIe tree, through their deepest common ancestor; GPUs whose
 /// place is unknown are far apart.
-fn distance(a: &Candidate, b: &Candidate) -> usize {
+pub fn distance(a: &Candidate, b: &Candidate) -> usize {
     if a.pci_path.is_empty() || b.pci_path.is_empty() {
         return 64;
     }
@@ -159,6 +163,15 @@ fn distance(a: &Candidate, b: &Candidate) -> usize {
 
 /// The best `n` of `free` (indices into it), or `None` when there are fewer.
 pub fn choose(free: &[&Candidate], n: usize) -> Option<Vec<usize>> {
+    choose_with(free, n, &distance)
+}
+
+/// [`choose`] with another measure of how far apart two GPUs are (NVML's, where it knows).
+pub fn choose_with(
+    free: &[&Candidate],
+    n: usize,
+    distance: &dyn Fn(&Candidate, &Candidate) -> usize,
+) -> Option<Vec<usize>> {
     if free.len() < n {
         return None;
     }
@@ -251,6 +264,7 @@ mod tests {
             key: format!("k{i}"),
             numa: Some(numa),
             pci_path: path.split('/').map(str::to_owned).collect(),
+            nvidia_bus: None,
         }
     }
 
@@ -286,6 +300,23 @@ mod tests {
         assert!(choose(&free, 7).is_none());
         let chosen: Vec<&Candidate> = [0, 1].iter().map(|&i| &all[i]).collect();
         assert_eq!(explain(&chosen), "NUMA node 0; below sw0");
+    }
+
+    /// NVML's word wins: GPUs 1 and 3 joined by NVLink are a better pair than 0 and 1 behind
+    /// one switch.
+    #[test]
+    fn nvlink_pairs_come_first() {
+        let all = host();
+        let free: Vec<&Candidate> = all.iter().collect();
+        let nvlinked = |a: &Candidate, b: &Candidate| {
+            let pair = [a.label.as_str(), b.label.as_str()];
+            if pair == ["nvidia:1", "nvidia:3"] || pair == ["nvidia:3", "nvidia:1"] {
+                1
+            } else {
+                distance(a, b)
+            }
+        };
+        assert_eq!(choose_with(&free, 2, &nvlinked), Some(vec![1, 3]));
     }
 
     #[test]

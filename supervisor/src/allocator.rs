@@ -109,6 +109,13 @@ pub fn allocate(
         );
     }
     let started = Instant::now();
+    // NVLink, which only NVML knows, for a job of several NVIDIA GPUs (from a helper process).
+    let buses: Vec<String> = candidates.iter().filter_map(|c| c.nvidia_bus.clone()).collect();
+    let nvml = if n >= 2 { crate::nvidia_topology::distances(&buses) } else { Default::default() };
+    let distance = |a: &Candidate, b: &Candidate| match (&a.nvidia_bus, &b.nvidia_bus) {
+        (Some(x), Some(y)) => nvml.get(&(x.clone(), y.clone())).copied().unwrap_or_else(|| allocation::distance(a, b)),
+        _ => allocation::distance(a, b),
+    };
     let place = QueuePlace::join(name)?;
     let mut told = None::<Instant>;
     loop {
@@ -124,7 +131,7 @@ pub fn allocate(
                 }
             }
             let free_candidates: Vec<&Candidate> = free.iter().map(|(_, c)| *c).collect();
-            if let Some(chosen) = allocation::choose(&free_candidates, n) {
+            if let Some(chosen) = allocation::choose_with(&free_candidates, n, &distance) {
                 let mut taken = Vec::new();
                 for (i, (lock, c)) in free.into_iter().enumerate() {
                     if chosen.contains(&i) {

@@ -17,6 +17,7 @@ mod log;
 mod mount_helper;
 mod node_modes;
 mod numa;
+mod nvidia_topology;
 mod reach;
 mod rootfs;
 mod seccomp;
@@ -56,6 +57,10 @@ fn main() -> ExitCode {
         ["run", name] if !name.starts_with('-') => Target::Name(name.to_owned()),
         // The supervisor's own helpers (see mount_helper.rs, systemd.rs); not for people.
         ["mount-helper", owner, dir] => return helper(|| mount_helper::serve(owner.parse()?, dir.as_ref())),
+        ["nvidia-topology", ref buses @ ..] => {
+            let buses: Vec<String> = buses.iter().map(|b| b.to_string()).collect();
+            return helper(|| nvidia_topology::print(&buses));
+        }
         ["numa-allow", unit, cpus, nodes] => {
             return helper(|| {
                 let parse = |l: &str| numa::parse_list(l).ok_or_else(|| anyhow::anyhow!("bad list {l}"));

@@ -293,3 +293,25 @@ fn status_shows_the_containers_own_gpu_use() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("nvidia:0: 1 process of the container's, 1.0 GiB of GPU memory, SM 40 %"), "{text}");
 }
+
+/// A job of two GPUs gets a pair joined by NVLink (NVML's topology, from the stand-in
+/// libnvidia-ml) before GPUs that are merely next to each other in bus order.
+#[test]
+fn a_two_gpu_job_gets_an_nvlink_pair() {
+    if !privileged() {
+        return;
+    }
+    let gpu = NvidiaStandIn::with_gpus(4);
+    let bus = |i: u32| format!("0000:{:02x}:00.0", gpu.minor + i);
+    let def = definition(
+        gpu.dir.path(),
+        &format!("pair{}", std::process::id()),
+        "[Container]\nExec=/bin/true\n[GPU]\nCount=2\n",
+    );
+    let mut env = gpu.env();
+    let nvlink = format!("{}+{}", bus(1), bus(3));
+    env.push(("FAKE_NVML_NVLINK", nvlink.as_ref()));
+    let r = run_file(&def, &env);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.err.contains("allocated nvidia:1, nvidia:3 of 4"), "{}", r.err);
+}

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 typedef int nvmlReturn_t;
 typedef void *nvmlDevice_t;
@@ -77,9 +78,38 @@ static unsigned int fake_procs(unsigned int *pids, unsigned long long *bytes, un
     return n;
 }
 
+/* One handle per PCI address asked for, so that pairs can be told apart. */
+static char buses[16][32];
+static int handles[16];
+
 nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *bus, nvmlDevice_t *handle) {
-    (void)bus;
-    *handle = &device;
+    for (int i = 0; i < 16; i++) {
+        if (!buses[i][0]) snprintf(buses[i], sizeof buses[i], "%s", bus);
+        if (strcasecmp(buses[i], bus) == 0) { *handle = &handles[i]; return 0; }
+    }
+    return 2;
+}
+
+static const char *bus_of(nvmlDevice_t d) { return buses[(int *)d - handles]; }
+
+/* $FAKE_NVML_NVLINK: "BUS+BUS,…", the pairs joined by NVLink. */
+static int nvlinked(nvmlDevice_t a, nvmlDevice_t b) {
+    const char *env = getenv("FAKE_NVML_NVLINK");
+    char pair[80];
+    if (!env) return 0;
+    snprintf(pair, sizeof pair, "%s+%s", bus_of(a), bus_of(b));
+    if (strcasestr(env, pair)) return 1;
+    snprintf(pair, sizeof pair, "%s+%s", bus_of(b), bus_of(a));
+    return strcasestr(env, pair) != NULL;
+}
+
+nvmlReturn_t nvmlDeviceGetP2PStatus(nvmlDevice_t a, nvmlDevice_t b, int index, int *status) {
+    *status = (index == 2 /* NVLINK */ && nvlinked(a, b)) ? 0 /* OK */ : 5 /* NOT_SUPPORTED */;
+    return 0;
+}
+
+nvmlReturn_t nvmlDeviceGetTopologyCommonAncestor(nvmlDevice_t a, nvmlDevice_t b, int *level) {
+    *level = nvlinked(a, b) ? 10 /* SINGLE */ : 50 /* SYSTEM */;
     return 0;
 }
 
