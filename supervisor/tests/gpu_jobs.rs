@@ -315,3 +315,80 @@ fn a_two_gpu_job_gets_an_nvlink_pair() {
     assert_eq!(r.code, 0, "{}", r.err);
     assert!(r.err.contains("allocated nvidia:1, nvidia:3 of 4"), "{}", r.err);
 }
+
+/// A CDI kind's devices are GPUs to the allocator: `Device=cdi:VENDOR/CLASS=all` with
+/// `Count=1` takes one device of the kind (never the spec's `all` device itself), two jobs get
+/// two different ones, and a third finds none free.
+#[test]
+fn count_takes_one_device_of_a_cdi_kind() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tag = std::process::id();
+    let kind = format!("gpubox-test-{tag}.example.com/gpu");
+    for n in ["s0", "s1"] {
+        nix::sys::stat::mknod(
+            &d.join(n),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(10, 229),
+        )
+        .unwrap();
+    }
+    std::fs::create_dir(d.join("cdi")).unwrap();
+    std::fs::write(
+        d.join("cdi/standin.yaml"),
+        format!(
+            "cdiVersion: \"0.6.0\"\nkind: {kind}\ndevices:\n  - name: \"0\"\n    containerEdits:\n      deviceNodes: [{{path: /dev/standin0, hostPath: {d}/s0}}]\n  - name: \"1\"\n    containerEdits:\n      deviceNodes: [{{path: /dev/standin1, hostPath: {d}/s1}}]\n  - name: all\n    containerEdits:\n      deviceNodes: [{{path: /dev/standin0, hostPath: {d}/s0}}, {{path: /dev/standin1, hostPath: {d}/s1}}]\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let job = |name: &str, extra: &str| {
+        definition(d, &format!("{name}{tag}"), &format!("[Container]\nExec=/bin/sh -c 'ls /dev | grep standin; exec sleep 60'\nInit=yes\n[GPU]\nDevice=cdi:{kind}=all\nCount=1\n{extra}"))
+    };
+    let cdi = d.join("cdi");
+    let spawn = |def: &Path| {
+        Command::new(SUPERVISOR)
+            .args(["run", "--definition"])
+            .arg(def)
+            .env("GPUBOX_CDI_DIRS", &cdi)
+            .env("GPUBOX_NVIDIA_PROC", "/nonexistent")
+            .env_remove("INVOCATION_ID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = Running(spawn(&job("cdia", "")));
+    let second = Running(spawn(&job("cdib", "")));
+    let t = Instant::now();
+    while !(Path::new(&format!("/run/gpubox/cdia{tag}/control")).exists()
+        && Path::new(&format!("/run/gpubox/cdib{tag}/control")).exists())
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "the two jobs did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let third = spawn(&job("cdic", "AllocationTimeout=0\n"));
+    let r = finish(third, Duration::from_secs(10));
+    assert_eq!(r.code, 125, "{}", r.err);
+    assert!(r.err.contains("0 of 2 free"), "{}", r.err);
+    let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
+    let nodes = |name: &str| {
+        let out =
+            Command::new(&ctl).args(["status", &format!("{name}{tag}")]).env("GPUBOX_CDI_DIRS", &cdi).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains(&format!("cdi:{kind}=")) && text.contains("(allocated)"), "{text}");
+        text.lines()
+            .filter(|l| l.contains("(allocated)"))
+            .map(|l| l.split(": ").nth(1).unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (nodes("cdia"), nodes("cdib"));
+    assert_eq!((a.len(), b.len()), (1, 1), "{a:?} {b:?}");
+    assert_ne!(a, b, "two jobs, two devices");
+    drop((first, second));
+}
