@@ -58,21 +58,51 @@ pub fn try_lock_mode(name: &str, exclusive: bool) -> io::Result<Option<Lock>> {
 /// Whether a supervisor holds container `name`'s lock; `None` when this process may not look
 /// (not root).
 pub fn held(name: &str) -> Option<bool> {
-    let path = PathBuf::from(crate::RUN_DIR).join(".locks").join(format!("name-{name}"));
-    let file = match File::open(path) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        // Not root (the lock directory is 0700): cannot tell.
+    is_locked(&PathBuf::from(crate::RUN_DIR).join(".locks").join(format!("name-{name}")))
+}
+
+/// Whether any process holds an `flock` on the file at `path` (`Some(false)` when there is no
+/// such file; `None` when it cannot be looked at). Read from `/proc/locks` rather than by trying
+/// the lock: a look that took it, even shared for a moment, would make a supervisor's own
+/// non-blocking lock of it fail ("already running").
+pub fn is_locked(path: &std::path::Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Some(false),
         Err(_) => return None,
     };
-    match file {
-        None => Some(false),
-        Some(file) => match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
-            Ok(_) => Some(false),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Some(true),
-            Err(_) => None,
-        },
+    let (major, minor, inode) = (libc::major(meta.dev()) as u64, libc::minor(meta.dev()) as u64, meta.ino());
+    let table = std::fs::read_to_string("/proc/locks").ok()?;
+    Some(table.lines().filter(|l| !l.contains("->")).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"FLOCK")
+            && f.get(5).is_some_and(|id| {
+                let mut parts = id.split(':');
+                let hex = |p: Option<&str>| p.and_then(|p| u64::from_str_radix(p, 16).ok());
+                hex(parts.next()) == Some(major)
+                    && hex(parts.next()) == Some(minor)
+                    && parts.next().and_then(|p| p.parse().ok()) == Some(inode)
+            })
+    }))
+}
+
+/// Takes `flock(LOCK_EX|LOCK_NB)` on a file that others may sweep away when they find it
+/// unlocked (holder files, queue places): made, locked, and checked to still be the file at
+/// `path` (a sweep between the making and the locking unlinks it), else made again.
+pub fn create_locked(path: &std::path::Path) -> io::Result<nix::fcntl::Flock<File>> {
+    use std::os::unix::fs::MetadataExt;
+    for _ in 0..10 {
+        let file = open_lock_file(path)?;
+        let locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io::Error::new(io::ErrorKind::WouldBlock, format!("{}: {e}", path.display())))?;
+        let same =
+            std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == locked.metadata().map(|l| l.ino()).unwrap_or(0));
+        if same {
+            return Ok(locked);
+        }
     }
+    Err(io::Error::other(format!("{}: swept away again and again", path.display())))
 }
 
 /// Who holds GPU `key` (see the supervisor's allocator): `(container, exclusive)` for each live
@@ -85,14 +115,13 @@ pub fn holders(key: &str) -> Vec<(String, bool)> {
     for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
         let Some(container) = file.strip_prefix(&prefix) else { continue };
-        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        let live =
-            File::open(entry.path()).ok().map(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock));
-        match live {
-            Some(Err((_, nix::errno::Errno::EWOULDBLOCK))) => {
-                found.push((container.to_owned(), text.trim() == "exclusive"))
+        match is_locked(&entry.path()) {
+            Some(true) => {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                found.push((container.to_owned(), text.trim() == "exclusive"));
             }
-            Some(_) => {
+            // Its holder is gone (a new holder re-checks its file after locking it).
+            Some(false) => {
                 let _ = std::fs::remove_file(entry.path());
             }
             None => {}

@@ -202,9 +202,7 @@ impl HolderFile {
     fn create(key: &str, name: &str, exclusive: bool) -> Result<HolderFile> {
         use std::io::Write;
         let path = holders_dir()?.join(format!("{key}@{name}"));
-        let file = locks::open_lock_file(&path)?;
-        let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut file = locks::create_locked(&path)?;
         file.set_len(0)?;
         file.write_all(if exclusive { b"exclusive\n" } else { b"shared\n" })?;
         Ok(HolderFile { path, _file: file })
@@ -234,9 +232,7 @@ impl QueuePlace {
     fn join(name: &str) -> Result<QueuePlace> {
         let started = process_start_ticks().unwrap_or(u64::MAX);
         let path = Self::dir()?.join(format!("{started:020}-{:010}-{name}", std::process::id()));
-        let file = locks::open_lock_file(&path)?;
-        let file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let file = locks::create_locked(&path)?;
         Ok(QueuePlace { path, _file: file })
     }
 
@@ -248,16 +244,13 @@ impl QueuePlace {
             if place == self.path {
                 return Ok(true);
             }
-            let live = std::fs::File::open(&place).ok().is_some_and(|f| {
-                matches!(
-                    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock),
-                    Err((_, nix::errno::Errno::EWOULDBLOCK))
-                )
-            });
-            if live {
-                return Ok(false);
+            match locks::is_locked(&place) {
+                Some(false) => {
+                    // Its supervisor is gone (a new place re-checks its file after locking it).
+                    let _ = std::fs::remove_file(&place);
+                }
+                _ => return Ok(false),
             }
-            let _ = std::fs::remove_file(&place);
         }
         Ok(true)
     }

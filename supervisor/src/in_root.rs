@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path};
 
 /// `struct open_how` of openat2(2) (libc's is non-exhaustive, so it cannot be built here).
@@ -33,14 +33,20 @@ pub enum Kind {
 /// Opens `path` (absolute or relative, taken relative to the root) in the tree whose root is
 /// `root`, with `flags` (`O_CLOEXEC` is added), resolving it as if `root` were `/`.
 pub fn open(root: BorrowedFd, path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+    open_how(root, path, flags, libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS)
+}
+
+/// As [`open`], but no symlink on the way at all: for a path gpubox made itself (a mount
+/// point it attached), which a link could only mean the payload has moved since.
+pub fn open_strict(root: BorrowedFd, path: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+    open_how(root, path, flags, libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_SYMLINKS)
+}
+
+fn open_how(root: BorrowedFd, path: &Path, flags: libc::c_int, resolve: u64) -> io::Result<OwnedFd> {
     let rel = relative(path);
     let c = CString::new(if rel.as_os_str().is_empty() { b".".as_slice() } else { rel.as_os_str().as_bytes() })
         .map_err(io::Error::other)?;
-    let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
-    };
+    let how = OpenHow { flags: (flags | libc::O_CLOEXEC) as u64, mode: 0, resolve };
     // SAFETY: c is NUL-terminated, how is a valid open_how of the size passed; the result is
     // a new descriptor or -1.
     let fd = unsafe {
@@ -173,12 +179,17 @@ pub fn fd_path(fd: &impl AsRawFd) -> String {
 /// Reads a regular file of at most `limit` bytes from the root, never following a link out
 /// of it, never blocking on a FIFO or device (`/etc/passwd -> /dev/zero`).
 pub fn read_small(root: BorrowedFd, path: &Path, limit: u64) -> io::Result<String> {
-    let fd = open(root, path, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY)?;
-    let file = File::from(fd);
-    let meta = file.metadata()?;
+    // The type first, by an O_PATH descriptor: a device node is never opened (an open has
+    // effects of its own), nor a FIFO.
+    let located = File::from(open(root, path, libc::O_PATH)?);
+    let meta = located.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a regular file", path.display())));
     }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(fd_path(&located))?;
     if meta.size() > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,

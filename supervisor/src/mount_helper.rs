@@ -29,7 +29,7 @@ use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{chown, setfsgid, setfsuid, Gid, Uid};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -159,8 +159,10 @@ pub fn serve(owner: u32, dir: &Path) -> Result<()> {
     // SAFETY: the supervisor starts the helper with the container's mount namespace on this
     // descriptor (see `MountHelper::start`), which nothing else here owns.
     let container = unsafe { File::from_raw_fd(HELPER_NS_FD) };
-    // Mount points it makes inside get the modes the child's get, whatever the caller's umask.
+    // Mount points it makes inside get the modes the child's get, whatever the caller's umask;
+    // and none of the supervisor's supplementary groups goes inside with it.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    nix::unistd::setgroups(&[]).context("clearing supplementary groups")?;
     unshare(CloneFlags::CLONE_NEWNS).context("a private mount namespace")?;
     // A slave: host mounts made later (a driver's directory) still show here, for binds.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)?;
@@ -251,10 +253,7 @@ impl Helper {
 
     fn unbind(&mut self, target: &Path) -> Result<()> {
         setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
-        match umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(e).with_context(|| format!("unmounting {} in the container", target.display())),
-        }
+        self.unmount_inside(target)?;
         if let Some(i) = self.made.iter().position(|m| m == target) {
             self.made.remove(i);
             let _ = self.remove_inside(target);
@@ -287,21 +286,64 @@ impl Helper {
 
     fn detach(&self, path: &Path) -> Result<()> {
         setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
-        match umount2(path, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(e).with_context(|| format!("unmounting {} in the container", path.display())),
-        }
+        self.unmount_inside(path)?;
         let _ = self.remove_inside(path);
         setns(&self.own, CloneFlags::CLONE_NEWNS)?;
         let _ = fs::remove_file(self.staging_node(path));
         Ok(())
     }
 
-    /// Removes a mount point inside, as the container's root: the container controls the
-    /// path (a symlink on the way may lead into a bind of a host directory), so it must not be
-    /// removed with the host root's rights.
+    /// The directory that holds `path` inside, and `path`'s last component. The helper made
+    /// that path itself, so no component may be a symlink now: one there means the payload
+    /// moved a directory since, and whatever the path names then is not what was mounted
+    /// (it could be one of gpubox's own masks in /proc).
+    fn parent_inside(&self, path: &Path) -> Result<(OwnedFd, std::ffi::CString)> {
+        let root = File::open("/").context("opening the container's root")?;
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let dir = in_root::open_strict(root.as_fd(), parent, libc::O_PATH | libc::O_DIRECTORY)
+            .with_context(|| format!("{} in the container (moved since it was attached?)", parent.display()))?;
+        let name = path.file_name().with_context(|| format!("{} has no name", path.display()))?;
+        Ok((dir, std::ffi::CString::new(name.as_encoded_bytes())?))
+    }
+
+    /// Unmounts what is at `path` inside, by its parent's descriptor (never through a link).
+    fn unmount_inside(&self, path: &Path) -> Result<()> {
+        let (dir, name) = match self.parent_inside(path) {
+            Ok(found) => found,
+            // Gone with its directory: nothing is mounted there any more.
+            Err(e)
+                if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                return Ok(())
+            }
+            Err(e) => return Err(e),
+        };
+        nix::unistd::fchdir(&dir).context("entering the mount point's directory")?;
+        match umount2(name.as_c_str(), MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("unmounting {} in the container", path.display())),
+        }
+    }
+
+    /// Removes a mount point inside, by its parent's descriptor and as the container's root.
     fn remove_inside(&self, path: &Path) -> Result<()> {
-        self.as_container_root(|| Ok(fs::remove_dir(path).or_else(|_| fs::remove_file(path))?))
+        let (dir, name) = self.parent_inside(path)?;
+        self.as_container_root(|| {
+            // SAFETY: dir is an open directory descriptor and name is NUL-terminated; unlinkat
+            // only removes the entry, never follows it.
+            let r = unsafe {
+                let file = libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0);
+                if file == 0 {
+                    0
+                } else {
+                    libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR)
+                }
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            Ok(())
+        })
     }
 
     fn staging_node(&self, path: &Path) -> PathBuf {

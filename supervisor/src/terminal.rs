@@ -126,10 +126,12 @@ impl Terminal {
         }
     }
 
-    /// Whatever the container wrote and was not relayed yet (after its end, too).
+    /// Whatever the container wrote and was not relayed yet (after its end, too), for a second
+    /// at most: a process outside that was handed the terminal could keep writing for ever.
     pub fn drain(&mut self) {
         let mut buf = [0u8; 8192];
-        while self.output_open && self.copy_output(&mut buf) {}
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.output_open && std::time::Instant::now() < until && self.copy_output(&mut buf) {}
     }
 
     /// One read of the container's output onto our stdout; whether there was any.

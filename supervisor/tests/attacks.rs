@@ -416,3 +416,31 @@ PY
         assert_eq!(value(&r, "query"), "ok", "{user}");
     }
 }
+
+/// Issue #12 review: looking at the locks (`gpuboxctl list`, another supervisor's scan) must
+/// never make a start fail: a look that took a lock for a moment made a supervisor's own
+/// non-blocking lock fail ("already running").
+#[test]
+fn looking_at_the_locks_never_fails_a_start() {
+    if !privileged() {
+        return;
+    }
+    let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lookers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, ctl) = (stop.clone(), ctl.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = Command::new(&ctl).args(["list"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+                }
+            })
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let def = definition(dir.path(), &format!("looked{}", std::process::id()), "[Container]\nExec=/bin/true\n");
+    let failed: Vec<String> = (0..30).map(|_| run_file(&def, &[])).filter(|r| r.code != 0).map(|r| r.err).collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    lookers.into_iter().for_each(|l| l.join().unwrap());
+    assert!(failed.is_empty(), "{failed:?}");
+}

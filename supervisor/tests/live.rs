@@ -458,3 +458,21 @@ fn idle_control_connections_are_capped() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Issue #12 review: the payload moved a directory on the way to an attached node and put a
+/// symlink in its place (to /proc, where gpubox's masks are). The detach never goes through the
+/// link: it is refused, naming the path, and nothing behind the link is unmounted.
+#[test]
+fn a_detach_does_not_follow_a_moved_directory() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start("live-moved");
+    assert_eq!(c.ctl(&["attach", "live-moved", "cdi:example.com/gpu=b"]).0, 0);
+    let masks = c.inside("grep -c ' /proc/' /proc/self/mountinfo");
+    assert_eq!(c.inside("mv /dev/dri /dev/dri.moved && ln -s /proc /dev/dri && echo moved"), "moved");
+    let (code, _, err) = c.ctl(&["detach", "live-moved", "cdi:example.com/gpu=b"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("/dev/dri in the container (moved since it was attached?)"), "{err}");
+    assert_eq!(c.inside("grep -c ' /proc/' /proc/self/mountinfo"), masks, "a mount under /proc went");
+}
