@@ -10,12 +10,13 @@
 //! the same name in the root (a stub `libcuda.so.1`) is hidden by the host's, which is what
 //! the kernel module needs.
 
+use crate::in_root;
 use crate::sys;
 use anyhow::{bail, Context, Result};
 use gpubox_devices::driver::DriverFiles;
 use nix::mount::{mount, MsFlags};
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Component, Path, PathBuf};
 
 /// Library directories a loader searches by default, most specific first.
@@ -104,9 +105,15 @@ fn real_dir(root: &Path, rel: &str) -> bool {
 }
 
 /// Mounts an overlay on `root/dir` (its own content below, a tmpfs directory above), binds
-/// each file onto a mount point made in it, and makes the whole read-only.
+/// each file onto a mount point made in it, and makes the whole read-only. Everything inside
+/// the root goes by descriptor, resolved with no symlink at all: another container sharing a
+/// writable root could swap a directory for a link between a check and its use.
 fn overlay_with(root: &Path, dir: &str, scratch: &Path, files: &[(String, File)]) -> Result<()> {
-    let target = root.join(dir);
+    let root_fd = File::open(root).with_context(|| format!("opening {}", root.display()))?;
+    let root_fd = root_fd.as_fd();
+    let lower = in_root::open_strict(root_fd, Path::new(dir), libc::O_PATH | libc::O_DIRECTORY)
+        .with_context(|| format!("DriverLibraries=yes: /{dir}"))?;
+    let target = PathBuf::from(in_root::fd_path(&lower));
     let (upper, work) = (scratch.join("upper"), scratch.join("work"));
     for d in [scratch, &upper, &work] {
         std::fs::create_dir(d).with_context(|| format!("DriverLibraries=yes: creating {}", d.display()))?;
@@ -116,27 +123,53 @@ fn overlay_with(root: &Path, dir: &str, scratch: &Path, files: &[(String, File)]
     mount(Some("overlay"), &target, Some("overlay"), MsFlags::empty(), Some(format!("{options},userxattr").as_str()))
         .or_else(|_| mount(Some("overlay"), &target, Some("overlay"), MsFlags::empty(), Some(options.as_str())))
         .with_context(|| format!("DriverLibraries=yes: mounting an overlay on /{dir}"))?;
+    // The overlay's own root now (the descriptor above names the directory under it).
+    let merged = in_root::open_strict(root_fd, Path::new(dir), libc::O_PATH | libc::O_DIRECTORY)
+        .with_context(|| format!("DriverLibraries=yes: /{dir} after its overlay"))?;
+    let merged_dir = File::from(in_root::open_strict(root_fd, Path::new(dir), libc::O_RDONLY | libc::O_DIRECTORY)?);
     for (name, source) in files {
-        let point = target.join(name);
+        let at = |flags| in_root::open(merged.as_fd(), Path::new(name), flags);
+        let cname = std::ffi::CString::new(name.as_str())?;
         // Only in the overlay's upper layer: a whiteout hides the root's own file or link.
-        match std::fs::symlink_metadata(&point) {
-            Ok(m) if m.is_file() => {}
-            Ok(m) if m.is_dir() => bail!("DriverLibraries=yes: /{dir}/{name} is a directory in the root"),
-            Ok(_) => {
-                std::fs::remove_file(&point)
-                    .with_context(|| format!("DriverLibraries=yes: replacing /{dir}/{name}"))?;
-                File::create(&point).with_context(|| format!("DriverLibraries=yes: creating /{dir}/{name}"))?;
+        let existing =
+            at(libc::O_PATH | libc::O_NOFOLLOW).map(|fd| File::from(fd).metadata().is_ok_and(|m| m.is_file()));
+        match existing {
+            Ok(true) => {}
+            Ok(false) => {
+                // SAFETY: merged_dir is an open directory and cname is NUL-terminated; unlinkat
+                // removes the entry itself, never what a link names.
+                if unsafe { libc::unlinkat(merged_dir.as_raw_fd(), cname.as_ptr(), 0) } < 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("DriverLibraries=yes: replacing /{dir}/{name}"));
+                }
+                create_in(&merged_dir, &cname)
+                    .with_context(|| format!("DriverLibraries=yes: creating /{dir}/{name}"))?;
             }
-            Err(_) => {
-                File::create(&point).with_context(|| format!("DriverLibraries=yes: creating /{dir}/{name}"))?;
-            }
+            Err(_) => create_in(&merged_dir, &cname)
+                .with_context(|| format!("DriverLibraries=yes: creating /{dir}/{name}"))?,
         }
+        let point =
+            at(libc::O_PATH | libc::O_NOFOLLOW).with_context(|| format!("DriverLibraries=yes: /{dir}/{name}"))?;
         let via = format!("/proc/self/fd/{}", source.as_raw_fd());
-        mount(Some(via.as_str()), &point, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        mount(Some(via.as_str()), Path::new(&in_root::fd_path(&point)), None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .with_context(|| format!("DriverLibraries=yes: binding the host's {name} to /{dir}/{name}"))?;
     }
-    sys::mount_setattr_recursive(&target, sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID)
+    sys::mount_setattr_fd(&merged, sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID)
         .with_context(|| format!("DriverLibraries=yes: making /{dir} read-only"))
+}
+
+/// A new, empty file `name` in `dir` (never through a link, never an existing one).
+fn create_in(dir: &File, name: &std::ffi::CStr) -> std::io::Result<()> {
+    let flags = libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_WRONLY | libc::O_CLOEXEC;
+    // SAFETY: dir is an open directory and name is NUL-terminated; the descriptor openat
+    // returns is closed right away.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, 0o644 as libc::c_uint) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor owned by nobody else.
+    unsafe { libc::close(fd) };
+    Ok(())
 }
 
 /// A path in overlayfs's option string, where `,` and `:` separate and `\` escapes.

@@ -237,6 +237,14 @@ fn driver_libraries_as_the_host_loader_has_them() {
     }
     let drivers = TwoDrivers::new();
     let root = glibc_root(drivers.dir.path());
+    // An image's own stub: a libcuda.so.1 link in the loader's directory, which the host's
+    // library must hide (in the overlay only) without the root changing.
+    let libc_dir = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "usr/lib64", "lib", "usr/lib"]
+        .iter()
+        .map(|d| root.join(d))
+        .find(|d| d.join("libc.so.6").exists())
+        .expect("the root's libc.so.6");
+    std::os::unix::fs::symlink("libcuda.so.0-stub", libc_dir.join("libcuda.so.1")).unwrap();
     let before = snapshot(&root);
     let env = [("GPUBOX_LD_CACHE", drivers.cache.as_os_str())];
     // umask 077 (the fresh host's) must not make the loader's directory unreadable to a user.
