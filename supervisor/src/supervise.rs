@@ -316,6 +316,11 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         return Ok(code.parse().unwrap_or(child::SETUP_FAILED));
     }
     log::info(&format!("started {} (pid {pid})", summary(&d.container.exec)));
+    // A thread of its own, now that the supervisor may have threads (the staging above needed
+    // it single-threaded: setns of a mount namespace).
+    if let Some(t) = terminal.as_deref_mut() {
+        t.start_output();
+    }
     notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&format!("running (payload pid {pid})"))]);
     if let Err(e) = hooks.run(&["poststart"], pid) {
         log::warn(&format!("{e:#}"));

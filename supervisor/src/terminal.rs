@@ -26,9 +26,9 @@ pub struct Terminal {
     /// terminal takes their place, and only those.
     pub replaces: Vec<i32>,
     saved: Option<Termios>,
-    /// Each direction stops at its end of file.
+    /// The caller's input stops at its end of file; the output relay says when it is done.
     input_open: bool,
-    output_open: bool,
+    output_done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 nix::ioctl_read_bad!(get_winsize, libc::TIOCGWINSZ, libc::winsize);
@@ -61,7 +61,7 @@ impl Terminal {
             input_open: replaces.contains(&libc::STDIN_FILENO),
             replaces,
             saved: None,
-            output_open: true,
+            output_done: Default::default(),
         };
         terminal.resize();
         Ok(Some(terminal))
@@ -96,25 +96,57 @@ impl Terminal {
         }
     }
 
-    /// The descriptors to wait on: the container's output, and the caller's input while open.
-    pub fn poll_fds(&self) -> Vec<BorrowedFd<'_>> {
-        let mut fds = Vec::new();
-        if self.output_open {
-            fds.push(self.master.as_fd());
+    /// Relays the container's output on a thread of its own (started after the clone): a
+    /// write to the caller's terminal may block (^S, a terminal that stops reading), and must
+    /// never block the supervisor's main loop, which forwards signals and stops the payload.
+    pub fn start_output(&mut self) {
+        let Ok(master) = self.master.try_clone() else { return };
+        let to_stdout = self.replaces.contains(&libc::STDOUT_FILENO);
+        let done = self.output_done.clone();
+        let spawned = std::thread::Builder::new().name("terminal".into()).spawn(move || {
+            let mut buf = [0u8; 8192];
+            loop {
+                let mut poll = [nix::poll::PollFd::new(master.as_fd(), nix::poll::PollFlags::POLLIN)];
+                if matches!(nix::poll::poll(&mut poll, nix::poll::PollTimeout::NONE), Err(e) if e != nix::errno::Errno::EINTR) {
+                    break;
+                }
+                match (&master).read(&mut buf) {
+                    // EOF or EIO: every holder of the container's end has closed it.
+                    Ok(0) => break,
+                    Ok(n) => {
+                        // To the caller's terminal: our stdout if it is one, else our stderr.
+                        let _ = if to_stdout {
+                            let mut out = std::io::stdout().lock();
+                            out.write_all(&buf[..n]).and_then(|_| out.flush())
+                        } else {
+                            std::io::stderr().lock().write_all(&buf[..n])
+                        };
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.output_done.store(true, std::sync::atomic::Ordering::Release);
         }
-        if self.input_open {
-            // SAFETY: stdin stays open for the supervisor's life.
-            fds.push(unsafe { BorrowedFd::borrow_raw(libc::STDIN_FILENO) });
-        }
-        fds
     }
 
-    /// Moves what is there in either direction; `fd` is the one that is ready.
+    /// The caller's input while it is open: the one descriptor to wait on.
+    pub fn poll_fds(&self) -> Vec<BorrowedFd<'_>> {
+        if self.input_open {
+            // SAFETY: stdin stays open for the supervisor's life.
+            vec![unsafe { BorrowedFd::borrow_raw(libc::STDIN_FILENO) }]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Moves what the caller typed to the container.
     pub fn pump(&mut self, fd: i32) {
         let mut buf = [0u8; 8192];
-        if fd == self.master.as_raw_fd() {
-            self.copy_output(&mut buf);
-        } else if fd == libc::STDIN_FILENO {
+        if fd == libc::STDIN_FILENO {
             match std::io::stdin().lock().read(&mut buf) {
                 Ok(0) | Err(_) => self.input_open = false,
                 Ok(n) => {
@@ -126,38 +158,13 @@ impl Terminal {
         }
     }
 
-    /// Whatever the container wrote and was not relayed yet (after its end, too), for a second
-    /// at most: a process outside that was handed the terminal could keep writing for ever.
+    /// Waits for the output relay to pass on what the container wrote before its end, a
+    /// second at most: a process outside that was handed the terminal could keep writing for
+    /// ever, and the caller's terminal may not be reading.
     pub fn drain(&mut self) {
-        let mut buf = [0u8; 8192];
         let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
-        while self.output_open && std::time::Instant::now() < until && self.copy_output(&mut buf) {}
-    }
-
-    /// One read of the container's output onto our stdout; whether there was any.
-    fn copy_output(&mut self, buf: &mut [u8]) -> bool {
-        match self.master.read(buf) {
-            Ok(0) => {
-                self.output_open = false;
-                false
-            }
-            Ok(n) => {
-                // To the caller's terminal: our stdout if it is one, else our stderr.
-                let written = if self.replaces.contains(&libc::STDOUT_FILENO) {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(&buf[..n]).and_then(|_| out.flush())
-                } else {
-                    std::io::stderr().lock().write_all(&buf[..n])
-                };
-                let _ = written;
-                true
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
-            // EIO: every holder of the container's end has closed it.
-            Err(_) => {
-                self.output_open = false;
-                false
-            }
+        while !self.output_done.load(std::sync::atomic::Ordering::Acquire) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 }
