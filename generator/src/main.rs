@@ -32,6 +32,10 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
+        ["--version"] => {
+            println!("gpubox-generator {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
         [normal] | [normal, _, _] if !normal.starts_with('-') => Some(PathBuf::from(normal)),
         _ => {
             eprintln!("{USAGE}");

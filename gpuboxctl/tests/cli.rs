@@ -75,3 +75,27 @@ fn list_shows_definitions_but_not_masked_ones() {
     assert!(out.lines().any(|l| l.starts_with("shown ") && l.contains("inactive")), "{out}");
     assert!(!out.contains("masked"), "{out}");
 }
+
+/// `--help` exits 0 and `--version` answers, on every binary (`run --help` of the supervisor too).
+#[test]
+fn every_binary_has_help_and_version() {
+    let dir = std::path::Path::new(CTL).parent().unwrap();
+    for (binary, args) in [
+        ("gpuboxctl", &["--help"][..]),
+        ("gpuboxctl", &["--version"][..]),
+        ("gpubox-supervisor", &["--help"][..]),
+        ("gpubox-supervisor", &["run", "--help"][..]),
+        ("gpubox-supervisor", &["--version"][..]),
+        ("gpubox-generator", &["--help"][..]),
+        ("gpubox-generator", &["--version"][..]),
+    ] {
+        let path = dir.join(binary);
+        if !path.exists() {
+            eprintln!("skipping {binary}: not built");
+            continue;
+        }
+        let out = Command::new(&path).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{binary} {args:?}");
+        assert!(!out.stdout.is_empty(), "{binary} {args:?} printed nothing");
+    }
+}

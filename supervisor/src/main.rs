@@ -72,7 +72,7 @@ fn main() -> ExitCode {
             let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
             return helper(|| systemd::set_device_allow(unit, &entries));
         }
-        ["-h" | "--help"] => {
+        ["-h" | "--help"] | ["run", "-h" | "--help"] => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
