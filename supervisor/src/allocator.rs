@@ -116,7 +116,8 @@ pub fn allocate(
         (Some(x), Some(y)) => nvml.get(&(x.clone(), y.clone())).copied().unwrap_or_else(|| allocation::distance(a, b)),
         _ => allocation::distance(a, b),
     };
-    let place = QueuePlace::join(name)?;
+    let keys: Vec<&str> = candidates.iter().map(|c| c.key.as_str()).collect();
+    let place = QueuePlace::join(name, &keys)?;
     let mut told = None::<Instant>;
     loop {
         if place.is_first()? {
@@ -215,9 +216,12 @@ impl Drop for HolderFile {
     }
 }
 
-/// This supervisor's place in the queue of starts waiting for GPUs.
+/// This supervisor's place in the queue of starts waiting for GPUs. The file names the GPUs
+/// it may be given, one key a line: a start waits only behind earlier ones that want some of
+/// the same GPUs (a job for GPUs 0–3 does not wait behind one queued for GPUs 4–7).
 struct QueuePlace {
     path: PathBuf,
+    keys: Vec<String>,
     _file: nix::fcntl::Flock<std::fs::File>,
 }
 
@@ -229,14 +233,17 @@ impl QueuePlace {
     }
 
     /// Named by the supervisor's start (boot-time clock), so places sort in start order.
-    fn join(name: &str) -> Result<QueuePlace> {
+    fn join(name: &str, keys: &[&str]) -> Result<QueuePlace> {
+        use std::io::Write;
         let started = process_start_ticks().unwrap_or(u64::MAX);
         let path = Self::dir()?.join(format!("{started:020}-{:010}-{name}", std::process::id()));
-        let file = locks::create_locked(&path)?;
-        Ok(QueuePlace { path, _file: file })
+        let mut file = locks::create_locked(&path)?;
+        file.write_all(format!("{}\n", keys.join("\n")).as_bytes())?;
+        Ok(QueuePlace { path, keys: keys.iter().map(|k| k.to_string()).collect(), _file: file })
     }
 
-    /// Whether no live place is before this one (stale places are removed on the way).
+    /// Whether no live place before this one wants any of the same GPUs (stale places are
+    /// removed on the way; a place whose GPUs are not written yet counts as wanting them).
     fn is_first(&self) -> Result<bool> {
         let mut places: Vec<PathBuf> = std::fs::read_dir(Self::dir()?)?.flatten().map(|e| e.path()).collect();
         places.sort();
@@ -249,7 +256,13 @@ impl QueuePlace {
                     // Its supervisor is gone (a new place re-checks its file after locking it).
                     let _ = std::fs::remove_file(&place);
                 }
-                _ => return Ok(false),
+                _ => {
+                    let wants = std::fs::read_to_string(&place).unwrap_or_default();
+                    let complete = wants.ends_with('\n');
+                    if !complete || wants.lines().any(|k| self.keys.iter().any(|mine| mine == k)) {
+                        return Ok(false);
+                    }
+                }
             }
         }
         Ok(true)

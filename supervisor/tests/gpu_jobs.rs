@@ -115,7 +115,7 @@ fn waiting_timeouts_order_and_killed_holders() {
     let mut holder_child = Running(start(&gpu, &holder));
     let t = Instant::now();
     while !Path::new("/run/gpubox").join(&holder_name).join("control").exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "the holder did not start");
+        assert!(t.elapsed() < Duration::from_secs(30), "the holder did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
 
@@ -177,7 +177,7 @@ fn holders_are_visible_and_impossible_counts_are_refused() {
         Running(start(&gpu, &definition(d, &name, "[Container]\nExec=sleep 60\nInit=yes\n[GPU]\nCount=1\n")));
     let t = Instant::now();
     while !Path::new("/run/gpubox").join(&name).join("control").exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "did not start");
+        assert!(t.elapsed() < Duration::from_secs(30), "did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
     let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
@@ -250,16 +250,26 @@ fn xid_errors_of_its_gpus_reach_the_jobs_log() {
     let mut child = Running(start(&gpu, &def));
     let t = Instant::now();
     while !Path::new("/run/gpubox").join(&name).join("control").exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "did not start");
+        assert!(t.elapsed() < Duration::from_secs(30), "did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // The watch thread opens /dev/kmsg a moment after the start (watch.rs): wait until it has.
+    let fds = format!("/proc/{}/fd", child.0.id());
+    let t = Instant::now();
+    while !std::fs::read_dir(&fds)
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == Path::new("/dev/kmsg")))
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "the supervisor never opened /dev/kmsg");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let own =
         format!("NVRM: Xid (PCI:0000:{:02x}:00): 79, pid=4242, name=python3, GPU has fallen off the bus.\n", gpu.minor);
     let other = "NVRM: Xid (PCI:0000:fe:00): 13, Graphics Exception on another GPU\n";
     std::fs::write("/dev/kmsg", other).unwrap();
     std::fs::write("/dev/kmsg", &own).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1500));
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let out = std::mem::replace(&mut child.0, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -281,7 +291,7 @@ fn status_shows_the_containers_own_gpu_use() {
     let _child = Running(start(&gpu, &def));
     let t = Instant::now();
     while !Path::new("/run/gpubox").join(&name).join("control").exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "did not start");
+        assert!(t.elapsed() < Duration::from_secs(30), "did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
     let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
@@ -369,7 +379,7 @@ fn count_takes_one_device_of_a_cdi_kind() {
     while !(Path::new(&format!("/run/gpubox/cdia{tag}/control")).exists()
         && Path::new(&format!("/run/gpubox/cdib{tag}/control")).exists())
     {
-        assert!(t.elapsed() < Duration::from_secs(10), "the two jobs did not start");
+        assert!(t.elapsed() < Duration::from_secs(30), "the two jobs did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
     let third = spawn(&job("cdic", "AllocationTimeout=0\n"));
