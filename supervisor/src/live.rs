@@ -81,20 +81,20 @@ impl Live {
         if self.devices.iter().any(|d| d.name == name) {
             return Ok(());
         }
-        let selection =
-            select(&Inventory::discover(), std::slice::from_ref(&selector), false).map_err(anyhow::Error::msg)?;
+        let inventory = Inventory::discover();
+        let selection = select(&inventory, std::slice::from_ref(&selector), false).map_err(anyhow::Error::msg)?;
         // No GPU another container holds alone, and none of ours to another alone.
-        let holds = crate::start_devices::hold_more(&self.name, &selector, self.exclusive, &self.held)?;
+        let holds = crate::start_devices::hold_more(&self.name, &inventory, &selector, self.exclusive, &self.held)?;
         self.attach_device(&name, &selection, &selection.nodes, how)?;
         self.held.extend(holds);
         Ok(())
     }
 
-    /// Lets go of the GPUs that none of the devices still held names.
-    fn release_unused(&mut self) {
-        let inventory = Inventory::discover();
+    /// Lets go of the GPUs that none of the devices still held names (in `inventory`, the
+    /// caller's discovery: a second one would cost every change a few ms).
+    fn release_unused(&mut self, inventory: &Inventory) {
         let names: Vec<Selector> = self.devices.iter().filter_map(|d| d.name.parse().ok()).collect();
-        let keys: Vec<String> = gpubox_devices::allocation::candidates(&inventory, &names)
+        let keys: Vec<String> = gpubox_devices::allocation::candidates(inventory, &names)
             .unwrap_or_default()
             .into_iter()
             .map(|c| c.key)
@@ -121,7 +121,7 @@ impl Live {
             Some(index) => {
                 let device = self.devices.remove(index);
                 let unbound = self.unbind_mounts_of(&[device]);
-                self.release_unused();
+                self.release_unused(&Inventory::discover());
                 unbound
             }
             None => Ok(()),
@@ -149,7 +149,13 @@ impl Live {
                         .cloned()
                         .collect();
                     if !missing.is_empty() {
-                        let holds = crate::start_devices::hold_more(&self.name, &selector, self.exclusive, &self.held)?;
+                        let holds = crate::start_devices::hold_more(
+                            &self.name,
+                            &inventory,
+                            &selector,
+                            self.exclusive,
+                            &self.held,
+                        )?;
                         self.attach_device(&selector.to_string(), &selection, &missing, "hotplug")?;
                         self.held.extend(holds);
                     }
@@ -166,7 +172,7 @@ impl Live {
                 let gone: Vec<Node> = self.nodes.iter().filter(|n| !still.contains(n)).cloned().collect();
                 let detached = self.detach_nodes(&gone);
                 if !gone.is_empty() {
-                    self.release_unused();
+                    self.release_unused(&inventory);
                 }
                 detached
             }

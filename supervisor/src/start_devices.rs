@@ -117,16 +117,17 @@ fn numa_binding(d: &Definition, gpus: &[&Candidate]) -> Option<crate::numa::Bind
     binding
 }
 
-/// GPUs `selectors` name now, held for a live attach or hotplug by container `name`; an error
-/// naming the holder when one of them is another container's alone.
+/// GPUs `selector` names in `inventory` (the caller's discovery, not another), held for a live
+/// attach or hotplug by container `name`; an error naming the holder when one of them is
+/// another container's alone.
 pub fn hold_more(
     name: &str,
+    inventory: &Inventory,
     selector: &Selector,
     exclusive: bool,
     have: &[allocator::Held],
 ) -> Result<Vec<allocator::Held>> {
-    let inventory = Inventory::discover();
-    let matched = allocation::candidates(&inventory, std::slice::from_ref(selector)).unwrap_or_default();
+    let matched = allocation::candidates(inventory, std::slice::from_ref(selector)).unwrap_or_default();
     let new: Vec<Candidate> = matched.into_iter().filter(|c| !have.iter().any(|h| h.key == c.key)).collect();
     if new.is_empty() {
         return Ok(Vec::new());
