@@ -54,6 +54,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inner = dir.path().join("a/b");
         std::fs::create_dir_all(&inner).unwrap();
+        // Whatever the umask (an admin's may be 077): searchable but for the one under test.
+        for d in [dir.path().to_path_buf(), inner.clone()] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let me = nix::unistd::geteuid().as_raw();
         std::fs::set_permissions(dir.path().join("a"), std::fs::Permissions::from_mode(0o700)).unwrap();
         let other = me.wrapping_add(12345);

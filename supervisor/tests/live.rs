@@ -299,7 +299,13 @@ fn a_client_that_is_not_root_is_refused() {
         return;
     }
     let c = Container::start("live-perm");
-    let out = Command::new(ctl()).args(["status", "live-perm"]).uid(65534).gid(65534).output().unwrap();
+    // A copy the other user can run whatever the build's umask made of target/.
+    let bin = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let copy = bin.path().join("gpuboxctl");
+    fs::copy(ctl(), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(&copy).args(["status", "live-perm"]).uid(65534).gid(65534).output().unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
