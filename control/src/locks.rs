@@ -13,8 +13,23 @@ use crate::run_dir;
 
 /// `/run/gpubox/.locks`, made (0700) if missing.
 pub fn lock_dir() -> io::Result<PathBuf> {
-    let dir = run_dir::ensure_base()?.join(".locks");
-    run_dir::ensure_dir(&dir, run_dir::PRIVATE_MODE)?;
+    private_dir(".locks")
+}
+
+/// `/run/gpubox/REL`, a root-only directory, made if missing and its mode set once per
+/// process: the allocator asks for its directories at every try of a wait.
+pub fn private_dir(rel: &str) -> io::Result<PathBuf> {
+    static MADE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let dir = PathBuf::from(crate::RUN_DIR).join(rel);
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if !made.contains(&dir) {
+        run_dir::ensure_base()?;
+        if let Some(parent) = std::path::Path::new(rel).parent().filter(|p| !p.as_os_str().is_empty()) {
+            run_dir::ensure_dir(&PathBuf::from(crate::RUN_DIR).join(parent), run_dir::PRIVATE_MODE)?;
+        }
+        run_dir::ensure_dir(&dir, run_dir::PRIVATE_MODE)?;
+        made.push(dir.clone());
+    }
     Ok(dir)
 }
 

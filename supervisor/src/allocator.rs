@@ -34,9 +34,7 @@ pub struct Holder {
 }
 
 fn holders_dir() -> std::io::Result<PathBuf> {
-    let dir = locks::lock_dir()?.join("holders");
-    gpubox_control::run_dir::ensure_dir(&dir, gpubox_control::run_dir::PRIVATE_MODE)?;
-    Ok(dir)
+    locks::private_dir(".locks/holders")
 }
 
 /// Takes GPU `c` for container `name` if no other holds it in a conflicting way.
@@ -227,9 +225,7 @@ struct QueuePlace {
 
 impl QueuePlace {
     fn dir() -> std::io::Result<PathBuf> {
-        let dir = locks::lock_dir()?.join("queue");
-        gpubox_control::run_dir::ensure_dir(&dir, gpubox_control::run_dir::PRIVATE_MODE)?;
-        Ok(dir)
+        locks::private_dir(".locks/queue")
     }
 
     /// Named by the supervisor's start (boot-time clock), so places sort in start order.

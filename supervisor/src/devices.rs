@@ -4,9 +4,10 @@
 //! user namespace, makes a staging node with the container's owner and mode on a tmpfs of
 //! its own, and the child binds that into `/dev`.
 //!
-//! The staging tmpfs lives in the supervisor's private mount namespace (a slave of the host's),
-//! at `/run/gpubox/NAME/devices`: the host sees an empty directory and nothing is left
-//! mounted, whatever way the supervisor ends.
+//! The staging tmpfs lives in the container's own mount namespace, at
+//! `/run/gpubox/NAME/devices` ([`Staging::make_in`]): the host sees an empty directory, and
+//! after the child's `pivot_root` the tmpfs goes with the old root; the nodes bound from it
+//! stay. Nothing is left mounted, whatever way the supervisor ends.
 
 use anyhow::{Context, Result};
 use gpubox_devices::{Node, NodeAccess};
@@ -58,7 +59,6 @@ pub fn device_group(user: Option<&gpubox_definition::User>, root: Option<&Path>)
     crate::accounts::primary_group(user, &passwd)
 }
 
-#[derive(Clone)]
 pub struct Staging {
     dir: PathBuf,
     /// Host ids of the container's uid 0 / gid 0 (0 without a user namespace).
@@ -135,11 +135,6 @@ impl Staging {
         )
         .with_context(|| format!("setting the owner of {}", node.path.display()))?;
         Ok(source)
-    }
-
-    /// Removes a node's staging node once it is detached.
-    pub fn unstage(&self, node: &Node) {
-        let _ = std::fs::remove_file(self.dir.join(Self::file_name(node)));
     }
 
     fn file_name(node: &Node) -> String {

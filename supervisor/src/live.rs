@@ -5,7 +5,7 @@
 //! open; a failed attach is rolled back whole.
 
 use crate::devcgroup::DeviceFilter;
-use crate::devices::{Access, Staging};
+use crate::devices::Access;
 use crate::mount_helper::MountHelper;
 use crate::node_modes::FollowedNode;
 use crate::{log, systemd};
@@ -27,8 +27,6 @@ pub struct Live {
     pub hotplug: bool,
     /// The definition's selectors, which hotplug events are matched against.
     pub selectors: Vec<Selector>,
-    /// The staging nodes of the devices the container started with, if any.
-    pub staging: Option<Staging>,
     /// Mounts nodes inside; started at the first change.
     pub helper: Option<MountHelper>,
     /// Host id of the container's root (0 without a user namespace).
@@ -380,11 +378,7 @@ impl Live {
     }
 
     fn eject(&mut self, node: &Node) -> Result<()> {
-        self.helper()?.detach(&node.path)?;
-        if let Some(staging) = &self.staging {
-            staging.unstage(node);
-        }
-        Ok(())
+        self.helper()?.detach(&node.path)
     }
 
     /// The running mount helper, started (again) when there is none.

@@ -333,7 +333,6 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         state: "running",
         hotplug: d.gpu.hotplug,
         selectors,
-        staging: staging.cloned(),
         helper: None,
         owner,
         run_dir: RuntimeDir::path(&d.name),

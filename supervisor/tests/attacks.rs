@@ -359,11 +359,7 @@ fn a_killed_supervisor_leaves_no_ghost() {
     let mut sup =
         Command::new(SUPERVISOR).args(["run", "--definition"]).arg(&def).stderr(Stdio::null()).spawn().unwrap();
     let control = Path::new("/run/gpubox").join(&name).join("control");
-    let t = Instant::now();
-    while !control.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_control(&name, Duration::from_secs(10));
     sup.kill().unwrap();
     sup.wait().unwrap();
     assert!(control.exists(), "SIGKILL skips the cleanup (the premise of this test)");

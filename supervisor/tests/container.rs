@@ -373,14 +373,7 @@ fn device_cgroup_denies_a_node_that_was_not_selected() {
     // /dev/fuse's numbers: opening it has no side effects, and mode 0666 lets anyone try.
     let dir = tempfile::tempdir().unwrap();
     let node = dir.path().join("fuse");
-    nix::sys::stat::mknod(
-        &node,
-        nix::sys::stat::SFlag::S_IFCHR,
-        nix::sys::stat::Mode::from_bits_truncate(0o666),
-        nix::sys::stat::makedev(10, 229),
-    )
-    .unwrap();
-    fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    standin_node(&node);
     let script = "if (exec 3<> /tmp/fuse); then echo open=yes; else echo open=no; fi";
     let r = inside(&format!("UserNamespace=host\nBind={}:/tmp/fuse\n", node.display()), script);
     assert_eq!(value(&r, "open"), "no", "{}", r.err);

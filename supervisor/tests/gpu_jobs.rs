@@ -44,12 +44,7 @@ fn finish(child: Child, limit: Duration) -> Run {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let out = waiter.join().unwrap();
-    Run {
-        out: String::from_utf8_lossy(&out.stdout).into_owned(),
-        err: String::from_utf8_lossy(&out.stderr).into_owned(),
-        code: out.status.code().unwrap_or(-1),
-    }
+    waiter.join().unwrap().into()
 }
 
 /// The payload's view: which stand-in GPUs it has, and when it ran (host clock, ns).
@@ -113,11 +108,7 @@ fn waiting_timeouts_order_and_killed_holders() {
     let holder_name = format!("holder{tag}");
     let holder = definition(d, &holder_name, "[Container]\nExec=sleep 60\nInit=yes\n[GPU]\nCount=1\n");
     let mut holder_child = Running(start(&gpu, &holder));
-    let t = Instant::now();
-    while !Path::new("/run/gpubox").join(&holder_name).join("control").exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "the holder did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_control(&holder_name, Duration::from_secs(30));
 
     // Not enough free GPUs within the timeout: 125, naming who holds them.
     let impatient = definition(
@@ -175,11 +166,7 @@ fn holders_are_visible_and_impossible_counts_are_refused() {
     let name = format!("visible{}", std::process::id());
     let mut child =
         Running(start(&gpu, &definition(d, &name, "[Container]\nExec=sleep 60\nInit=yes\n[GPU]\nCount=1\n")));
-    let t = Instant::now();
-    while !Path::new("/run/gpubox").join(&name).join("control").exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_control(&name, Duration::from_secs(30));
     let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
     let out = Command::new(&ctl).arg("devices").envs(gpu.env()).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
@@ -248,11 +235,7 @@ fn xid_errors_of_its_gpus_reach_the_jobs_log() {
     let name = format!("xid{}", std::process::id());
     let def = definition(gpu.dir.path(), &name, "[Container]\nExec=sleep 60\nInit=yes\n[GPU]\nCount=1\n");
     let mut child = Running(start(&gpu, &def));
-    let t = Instant::now();
-    while !Path::new("/run/gpubox").join(&name).join("control").exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_control(&name, Duration::from_secs(30));
     // The watch thread opens /dev/kmsg a moment after the start (watch.rs): wait until it has.
     let fds = format!("/proc/{}/fd", child.0.id());
     let t = Instant::now();
@@ -289,11 +272,7 @@ fn status_shows_the_containers_own_gpu_use() {
     let name = format!("use{}", std::process::id());
     let def = definition(gpu.dir.path(), &name, "[Container]\nExec=sleep 60\n[GPU]\nCount=1\n");
     let _child = Running(start(&gpu, &def));
-    let t = Instant::now();
-    while !Path::new("/run/gpubox").join(&name).join("control").exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_control(&name, Duration::from_secs(30));
     let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
     let status = Command::new(&ctl).args(["status", &name, "--json"]).envs(gpu.env()).output().unwrap();
     let pid = serde_json::from_slice::<serde_json::Value>(&status.stdout).unwrap()["pid"].as_i64().unwrap();
@@ -339,13 +318,7 @@ fn count_takes_one_device_of_a_cdi_kind() {
     let tag = std::process::id();
     let kind = format!("gpubox-test-{tag}.example.com/gpu");
     for n in ["s0", "s1"] {
-        nix::sys::stat::mknod(
-            &d.join(n),
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::from_bits_truncate(0o666),
-            nix::sys::stat::makedev(10, 229),
-        )
-        .unwrap();
+        standin_node(&d.join(n));
     }
     std::fs::create_dir(d.join("cdi")).unwrap();
     std::fs::write(
@@ -375,13 +348,8 @@ fn count_takes_one_device_of_a_cdi_kind() {
     };
     let first = Running(spawn(&job("cdia", "")));
     let second = Running(spawn(&job("cdib", "")));
-    let t = Instant::now();
-    while !(Path::new(&format!("/run/gpubox/cdia{tag}/control")).exists()
-        && Path::new(&format!("/run/gpubox/cdib{tag}/control")).exists())
-    {
-        assert!(t.elapsed() < Duration::from_secs(30), "the two jobs did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_control(&format!("cdia{tag}"), Duration::from_secs(30));
+    wait_for_control(&format!("cdib{tag}"), Duration::from_secs(30));
     let third = spawn(&job("cdic", "AllocationTimeout=0\n"));
     let r = finish(third, Duration::from_secs(10));
     assert_eq!(r.code, 125, "{}", r.err);

@@ -17,10 +17,44 @@ pub fn privileged() -> bool {
     false
 }
 
+/// A finished supervisor: what it printed and its exit status (-1 for a signal).
 pub struct Run {
     pub out: String,
     pub err: String,
     pub code: i32,
+}
+
+impl From<Output> for Run {
+    fn from(Output { status, stdout, stderr }: Output) -> Run {
+        Run {
+            out: String::from_utf8_lossy(&stdout).into_owned(),
+            err: String::from_utf8_lossy(&stderr).into_owned(),
+            code: status.code().unwrap_or(-1),
+        }
+    }
+}
+
+/// Waits until container `name` serves its control socket (it runs), at most `limit`.
+pub fn wait_for_control(name: &str, limit: std::time::Duration) {
+    let socket = Path::new("/run/gpubox").join(name).join("control");
+    let t = std::time::Instant::now();
+    while !socket.exists() {
+        assert!(t.elapsed() < limit, "container {name} did not start within {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A character device with /dev/fuse's numbers at `path`, mode 0666 (umask aside): a stand-in
+/// GPU node that anyone may try to open, and whose open has no side effects.
+pub fn standin_node(path: &Path) {
+    nix::sys::stat::mknod(
+        path,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(10, 229),
+    )
+    .unwrap();
+    fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
 }
 
 pub fn definition(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -39,7 +73,7 @@ pub fn run(text: &str) -> Run {
 
 /// Runs the supervisor on a definition file, standalone, with extra environment variables.
 pub fn run_file(path: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Run {
-    let Output { status, stdout, stderr } = Command::new(SUPERVISOR)
+    Command::new(SUPERVISOR)
         .args(["run", "--definition"])
         .arg(path)
         .stdin(Stdio::null())
@@ -47,12 +81,8 @@ pub fn run_file(path: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Run {
         .env_remove("NOTIFY_SOCKET")
         .envs(env.iter().copied())
         .output()
-        .unwrap();
-    Run {
-        out: String::from_utf8_lossy(&stdout).into_owned(),
-        err: String::from_utf8_lossy(&stderr).into_owned(),
-        code: status.code().unwrap_or(-1),
-    }
+        .unwrap()
+        .into()
 }
 
 /// Runs a shell script as the payload (bound in read-only below the container's own /tmp).
@@ -105,16 +135,12 @@ pub fn fresh_host(args: &[&std::ffi::OsStr]) -> Command {
 
 /// Runs a definition file as on a fresh host, with extra environment variables.
 pub fn run_fresh(path: &Path, env: &[(&str, &std::ffi::OsStr)]) -> Run {
-    let Output { status, stdout, stderr } = fresh_host(&["run".as_ref(), "--definition".as_ref(), path.as_os_str()])
+    fresh_host(&["run".as_ref(), "--definition".as_ref(), path.as_os_str()])
         .stdin(Stdio::null())
         .envs(env.iter().copied())
         .output()
-        .unwrap();
-    Run {
-        out: String::from_utf8_lossy(&stdout).into_owned(),
-        err: String::from_utf8_lossy(&stderr).into_owned(),
-        code: status.code().unwrap_or(-1),
-    }
+        .unwrap()
+        .into()
 }
 
 /// A stand-in NVIDIA GPU, as the driver shows one: `/proc/driver/nvidia/gpus/BUS/information`
@@ -162,13 +188,7 @@ impl NvidiaStandIn {
             .unwrap();
             let node = PathBuf::from(format!("/dev/nvidia{}", minor + i));
             let _ = fs::remove_file(&node);
-            nix::sys::stat::mknod(
-                &node,
-                nix::sys::stat::SFlag::S_IFCHR,
-                nix::sys::stat::Mode::from_bits_truncate(0o666),
-                nix::sys::stat::makedev(10, 229),
-            )
-            .unwrap();
+            standin_node(&node);
             nodes.push(node);
         }
         let nvml = dir.path().join("libnvidia-ml.so.1");
