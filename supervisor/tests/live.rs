@@ -305,7 +305,16 @@ fn a_client_that_is_not_root_is_refused() {
     let copy = bin.path().join("gpuboxctl");
     fs::copy(ctl(), &copy).unwrap();
     std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let out = Command::new(&copy).args(["status", "live-perm"]).uid(65534).gid(65534).output().unwrap();
+    // Another test thread's fork may hold the copy open for writing a moment (ETXTBSY).
+    let out = (0..50)
+        .find_map(|_| match Command::new(&copy).args(["status", "live-perm"]).uid(65534).gid(65534).output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(20));
+                None
+            }
+            other => Some(other.unwrap()),
+        })
+        .expect("the copy of gpuboxctl stayed busy");
     assert_ne!(out.status.code(), Some(0));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
