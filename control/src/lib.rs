@@ -4,8 +4,9 @@
 //!
 //! Interface `org.gpubox.Container1` at `/org/gpubox/Container`:
 //! `Status() -> s`, `Attach(s selector) -> s`, `Detach(s selector) -> s`,
-//! `Hotplug(s action, s devnode) -> s`, and the signal `Changed(s status)`. Replies are JSON
-//! documents of [`Status`], so that `gpuboxctl --json` passes them on unchanged.
+//! `Hotplug(s action, s devnode) -> s`, `ExecContext() -> s` (root only), and the signal
+//! `Changed(s status)`. Replies are JSON documents of [`Status`] (of [`ExecContext`] for
+//! `ExecContext`), so that `gpuboxctl --json` passes them on unchanged.
 
 use serde::{Deserialize, Serialize};
 use std::os::unix::net::UnixStream;
@@ -48,6 +49,46 @@ pub struct Device {
     pub mounts: Vec<PathBuf>,
 }
 
+/// What a process entering a running container (`gpuboxctl exec`) must take on to be confined
+/// exactly as the payload is: the supervisor's own record of what it applied at the start, not
+/// a reading of the definition, which may have changed since.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecContext {
+    pub name: String,
+    /// The payload's pid on the host, and its start time (field 22 of `/proc/PID/stat`), which
+    /// tells a reused pid from the payload.
+    pub pid: i32,
+    pub start_time: u64,
+    /// The payload's cgroup directory (under /sys/fs/cgroup), when it has one of its own.
+    pub cgroup: Option<PathBuf>,
+    pub user_namespace: bool,
+    /// The host id of the container's root (0 without a user namespace).
+    pub owner: u32,
+    /// `User=` as written (a name, UID or UID:GID); root without it.
+    pub user: Option<String>,
+    /// The payload's environment beyond PATH, HOME and `container`, in order.
+    pub environment: Vec<(String, String)>,
+    pub working_directory: Option<PathBuf>,
+    /// Capability names (`CAP_CHOWN`, …): the bounding set, and root's other sets.
+    pub capabilities: Vec<String>,
+    pub no_new_privileges: bool,
+    /// The compiled classic BPF program the payload runs under.
+    pub seccomp: Option<Vec<u8>>,
+}
+
+/// A command to run in a running container: its context and the caller's choices.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecRequest {
+    pub context: ExecContext,
+    pub command: Vec<String>,
+    /// A pseudo-terminal of the container's own, relayed to the caller's.
+    pub terminal: bool,
+    /// In place of the context's user, environment (added to it) and working directory.
+    pub user: Option<String>,
+    pub environment: Vec<(String, String)>,
+    pub working_directory: Option<PathBuf>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("container '{0}' is not running (no control socket at {1})")]
@@ -83,7 +124,11 @@ impl Client {
         Ok(Client { conn })
     }
 
-    fn call(&self, method: &str, args: &(impl Serialize + zbus::zvariant::DynamicType)) -> Result<Status, Error> {
+    fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        args: &(impl Serialize + zbus::zvariant::DynamicType),
+    ) -> Result<T, Error> {
         let reply = self.conn.call_method(None::<&str>, PATH, Some(INTERFACE), method, args).map_err(|e| {
             Error::Call(match e {
                 zbus::Error::MethodError(_, Some(text), _) => text,
@@ -108,6 +153,11 @@ impl Client {
 
     pub fn hotplug(&self, action: &str, devnode: &str) -> Result<Status, Error> {
         self.call("Hotplug", &(action, devnode))
+    }
+
+    /// What `gpuboxctl exec` needs to confine a process as the payload is (root only).
+    pub fn exec_context(&self) -> Result<ExecContext, Error> {
+        self.call("ExecContext", &())
     }
 
     /// The container's `Changed` signals from now on, each with its new status, as they come;

@@ -480,24 +480,44 @@ fn known_keys(section: &str) -> &'static str {
 }
 
 fn parse_user(k: &Key) -> Result<User, Error> {
-    let v = k.word()?;
-    let id = |s: &str| s.parse::<u32>().ok().filter(|&n| n != u32::MAX);
-    if let Some((u, g)) = v.split_once(':') {
-        return match (id(u), id(g)) {
-            (Some(uid), Some(gid)) => Ok(User::Id { uid, gid: Some(gid) }),
-            _ => Err(k.error(format!("'{v}': expected a user name, UID, or UID:GID"))),
-        };
+    k.word()?.parse().map_err(|e: String| k.error(e))
+}
+
+/// `User=`'s grammar, also for `gpuboxctl exec --user`: a user name, UID, or UID:GID.
+impl std::str::FromStr for User {
+    type Err = String;
+
+    fn from_str(v: &str) -> Result<User, String> {
+        let id = |s: &str| s.parse::<u32>().ok().filter(|&n| n != u32::MAX);
+        let invalid = || format!("'{v}': expected a user name, UID, or UID:GID");
+        if let Some((u, g)) = v.split_once(':') {
+            return match (id(u), id(g)) {
+                (Some(uid), Some(gid)) => Ok(User::Id { uid, gid: Some(gid) }),
+                _ => Err(invalid()),
+            };
+        }
+        if let Some(uid) = id(v) {
+            return Ok(User::Id { uid, gid: None });
+        }
+        let valid = v.len() <= 32
+            && v.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && v.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if valid {
+            Ok(User::Name(v.to_owned()))
+        } else {
+            Err(invalid())
+        }
     }
-    if let Some(uid) = id(&v) {
-        return Ok(User::Id { uid, gid: None });
-    }
-    let valid = v.len() <= 32
-        && v.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if valid {
-        Ok(User::Name(v))
-    } else {
-        Err(k.error(format!("'{v}': expected a user name, UID, or UID:GID")))
+}
+
+/// Writes `User=` back as it parses.
+impl std::fmt::Display for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            User::Name(n) => f.write_str(n),
+            User::Id { uid, gid: None } => write!(f, "{uid}"),
+            User::Id { uid, gid: Some(gid) } => write!(f, "{uid}:{gid}"),
+        }
     }
 }
 

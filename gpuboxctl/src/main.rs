@@ -2,6 +2,8 @@
 //! (or `validate` found errors), 2 bad usage, 3 the container is not running; `run`: the
 //! payload's status, 128+N if it was killed by signal N, 125 if the container could not start.
 
+mod complete;
+mod exec;
 mod run;
 mod usage;
 
@@ -29,13 +31,54 @@ enum Command {
     /// Containers: every definition, and the state and devices of those that run.
     List,
     /// One running container: state, payload pid, devices and how they came.
-    Status { name: String },
+    Status {
+        #[arg(add = complete::running_names())]
+        name: String,
+    },
     /// Attaches GPUs to a running container (a selector, as in [GPU] Device=).
-    Attach { name: String, selector: String },
+    Attach {
+        #[arg(add = complete::running_names())]
+        name: String,
+        #[arg(add = complete::selectors())]
+        selector: String,
+    },
     /// Detaches what was attached with this selector.
-    Detach { name: String, selector: String },
-    /// Prints a shell completion script: gpuboxctl completions bash > /etc/bash_completion.d/gpuboxctl
-    Completions { shell: clap_complete::Shell },
+    Detach {
+        #[arg(add = complete::running_names())]
+        name: String,
+        selector: String,
+    },
+    /// Runs a command in a running container, confined as its payload is (root only).
+    Exec(exec::ExecArgs),
+    /// The container's log: what `journalctl -u gpu@NAME.service` shows (its payload's output
+    /// and its supervisor's messages).
+    Logs {
+        #[arg(add = complete::definition_names())]
+        name: String,
+        /// Keep printing what comes.
+        #[arg(short, long)]
+        follow: bool,
+        /// The last N lines only.
+        #[arg(short = 'n', long, value_name = "N")]
+        lines: Option<u64>,
+        /// Only what came since then (journalctl's time syntax: "1 hour ago", "today", …).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+    },
+    /// A login shell in a running container (bash where it has one, else sh; root only).
+    Shell {
+        #[arg(add = complete::running_names())]
+        name: String,
+        /// The user inside: a name, UID or UID:GID (default: the container's User=, else root).
+        #[arg(short = 'u', long, value_name = "USER")]
+        user: Option<String>,
+    },
+    /// Prints the shell's completion script, which asks gpuboxctl for names and selectors:
+    /// gpuboxctl completions bash > /etc/bash_completion.d/gpuboxctl
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish", "elvish", "powershell"])]
+        shell: String,
+    },
     /// Tells every running container that a device came or went (as udev does by itself
     /// through the rules' tag): for scripts and hosts without gpubox's udev rules.
     Hotplug {
@@ -50,6 +93,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The shell asking for completions (complete.rs): answered, and nothing else done.
+    clap_complete::CompleteEnv::with_factory(<Cli as clap::CommandFactory>::command).var(complete::VAR).complete();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
@@ -59,14 +104,20 @@ fn main() -> ExitCode {
         Command::Detach { name, selector } => with_client(&name, cli.json, false, |c| c.detach(&selector)),
         Command::Hotplug { action, devnode } => Ok(hotplug(&action, &devnode)),
         Command::Devices => devices(cli.json),
+        Command::Exec(args) => exec::exec(args),
+        Command::Logs { name, follow, lines, since } => logs(&name, follow, lines, since.as_deref()),
+        Command::Shell { name, user } => exec::exec(exec::ExecArgs {
+            name,
+            tty: false,
+            no_tty: false,
+            interactive: true,
+            user,
+            env: Vec::new(),
+            workdir: None,
+            command: exec::SHELL.iter().map(|s| s.to_string()).collect(),
+        }),
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut <Cli as clap::CommandFactory>::command(),
-                "gpuboxctl",
-                &mut std::io::stdout(),
-            );
-            Ok(ExitCode::SUCCESS)
+            complete::registration(&shell, &mut std::io::stdout()).map(|_| ExitCode::SUCCESS)
         }
         Command::Validate { files } => validate(&files, cli.json),
     };
@@ -79,7 +130,36 @@ fn main() -> ExitCode {
     }
 }
 
-const NOT_RUNNING: u8 = 3;
+pub const NOT_RUNNING: u8 = 3;
+
+/// Becomes `journalctl` for the container's unit: `gpu@NAME.service`, or `NAME.service` for a
+/// `gpuboxctl run` container (whose payload's output went to the caller's terminal).
+fn logs(name: &str, follow: bool, lines: Option<u64>, since: Option<&str>) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    if !std::path::Path::new("/run/systemd/system").exists() {
+        anyhow::bail!(
+            "systemd is not running on this host, so there is no journal: a standalone container's \
+             output goes to the stdout and stderr of its gpubox-supervisor (the terminal or file of \
+             whoever started it), and gpubox keeps no log of its own"
+        );
+    }
+    let one_off = name.starts_with("gpu-run-")
+        || std::path::Path::new(&format!("/run/systemd/transient/{name}.service")).exists();
+    let unit = if one_off { format!("{name}.service") } else { format!("gpu@{name}.service") };
+    let mut journalctl = std::process::Command::new("journalctl");
+    journalctl.args(["--unit", &unit]);
+    if follow {
+        journalctl.arg("--follow");
+    }
+    if let Some(n) = lines {
+        journalctl.arg(format!("--lines={n}"));
+    }
+    if let Some(since) = since {
+        journalctl.arg(format!("--since={since}"));
+    }
+    let e = journalctl.exec();
+    Err(anyhow::Error::from(e).context("running journalctl"))
+}
 
 /// Calls the container's supervisor and prints the status it answers; with `usage`, also what
 /// the container's processes use of its NVIDIA GPUs (usage.rs).

@@ -150,7 +150,7 @@ fn absolute_bind_source(bind: &str) -> Result<String> {
 }
 
 /// `--env NAME` alone takes the value from this environment, as `systemd-run --setenv` does.
-fn env_assignment(arg: &str) -> Result<String, String> {
+pub fn env_assignment(arg: &str) -> Result<String, String> {
     if arg.contains('=') {
         return Ok(arg.to_owned());
     }
@@ -176,7 +176,7 @@ fn random_name() -> Result<String> {
 }
 
 /// `gpubox-supervisor` next to this binary (an installation or a cargo build), else in `$PATH`.
-fn find_supervisor() -> Result<PathBuf> {
+pub fn find_supervisor() -> Result<PathBuf> {
     const SUPERVISOR: &str = "gpubox-supervisor";
     let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join(SUPERVISOR)));
     let in_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
@@ -339,7 +339,7 @@ mod systemd {
             ("TimeoutStartUSec", 90_000_000u64.into()),
             ("TimeoutStopUSec", 30_000_000u64.into()),
             ("RuntimeDirectory", vec![format!("gpubox/{name}")].into()),
-            ("RuntimeDirectoryMode", 0o700u32.into()),
+            ("RuntimeDirectoryMode", 0o711u32.into()),
             ("StandardInputFileDescriptor", Fd::from(stdin.as_fd()).into()),
             ("StandardOutputFileDescriptor", Fd::from(stdout.as_fd()).into()),
             ("StandardErrorFileDescriptor", Fd::from(stderr.as_fd()).into()),

@@ -155,27 +155,7 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
     if let Some(binding) = &plan.numa {
         crate::numa::apply(binding).context("NUMA=yes: binding the payload's CPUs and memory")?;
     }
-    // With no_new_privs off, a seccomp filter needs CAP_SYS_ADMIN (in our namespace), so it
-    // goes in before the capabilities are dropped; otherwise as late as possible.
-    if !plan.no_new_privileges {
-        load_seccomp(plan)?;
-    }
-    capabilities::limit_bounding(&plan.capabilities).context("reducing the capability bounding set")?;
-    // Empty for every user: a non-root payload keeps the inheritable set across setuid.
-    caps::clear(None, caps::CapSet::Inheritable).context("clearing the inheritable capabilities")?;
-    if account.uid != 0 {
-        let groups: Vec<Gid> = account.groups.iter().map(|&g| Gid::from_raw(g)).collect();
-        nix::unistd::setgroups(&groups).context("setting supplementary groups")?;
-        let (u, g) = (Uid::from_raw(account.uid), Gid::from_raw(account.gid));
-        nix::unistd::setresgid(g, g, g).with_context(|| format!("switching to gid {g}"))?;
-        nix::unistd::setresuid(u, u, u).with_context(|| format!("switching to uid {u}"))?;
-    } else {
-        capabilities::set_for_root(&plan.capabilities).context("setting capabilities")?;
-    }
-    if plan.no_new_privileges {
-        nix::sys::prctl::set_no_new_privs().context("setting no_new_privs")?;
-        load_seccomp(plan)?;
-    }
+    confine(&plan.capabilities, plan.no_new_privileges, plan.seccomp.as_deref(), &account)?;
 
     // The exec barrier (with hooks, their barrier above was it): the supervisor has put
     // the device program in place while we built the file system.
@@ -202,8 +182,45 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
     Err(Failure(code, anyhow!("cannot execute {}: {}", program.to_string_lossy(), e.desc())))
 }
 
+/// The payload's credentials, capability sets, no_new_privs and seccomp filter, in the order
+/// the kernel needs them. Shared by the payload's start and `gpuboxctl exec` (enter.rs), so
+/// that a process entering the container is confined exactly as the payload is.
+pub fn confine(
+    capabilities: &CapsHashSet,
+    no_new_privileges: bool,
+    seccomp: Option<&[u8]>,
+    account: &Account,
+) -> Result<()> {
+    let load_seccomp = || match seccomp {
+        Some(program) => sys::seccomp_load(program).context("loading the seccomp filter"),
+        None => Ok(()),
+    };
+    // With no_new_privs off, a seccomp filter needs CAP_SYS_ADMIN (in our namespace), so it
+    // goes in before the capabilities are dropped; otherwise as late as possible.
+    if !no_new_privileges {
+        load_seccomp()?;
+    }
+    capabilities::limit_bounding(capabilities).context("reducing the capability bounding set")?;
+    // Empty for every user: a non-root payload keeps the inheritable set across setuid.
+    caps::clear(None, caps::CapSet::Inheritable).context("clearing the inheritable capabilities")?;
+    if account.uid != 0 {
+        let groups: Vec<Gid> = account.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+        nix::unistd::setgroups(&groups).context("setting supplementary groups")?;
+        let (u, g) = (Uid::from_raw(account.uid), Gid::from_raw(account.gid));
+        nix::unistd::setresgid(g, g, g).with_context(|| format!("switching to gid {g}"))?;
+        nix::unistd::setresuid(u, u, u).with_context(|| format!("switching to uid {u}"))?;
+    } else {
+        capabilities::set_for_root(capabilities).context("setting capabilities")?;
+    }
+    if no_new_privileges {
+        nix::sys::prctl::set_no_new_privs().context("setting no_new_privs")?;
+        load_seccomp()?;
+    }
+    Ok(())
+}
+
 /// Closes every descriptor from 3 up but those in `keep`.
-fn close_all_but(keep: &[std::os::fd::RawFd]) {
+pub fn close_all_but(keep: &[std::os::fd::RawFd]) {
     let mut keep: Vec<u32> = keep.iter().filter(|&&fd| fd >= 3).map(|&fd| fd as u32).collect();
     keep.sort_unstable();
     let mut first = 3u32;
@@ -217,19 +234,12 @@ fn close_all_but(keep: &[std::os::fd::RawFd]) {
     }
 }
 
-fn load_seccomp(plan: &Plan) -> Result<()> {
-    match &plan.seccomp {
-        Some(program) => sys::seccomp_load(program).context("loading the seccomp filter"),
-        None => Ok(()),
-    }
-}
-
-fn cstring(s: &str) -> Result<CString> {
+pub fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| anyhow!("'{s}' contains a NUL byte"))
 }
 
 /// Resolves `User=` in the container's own /etc/passwd and /etc/group (accounts.rs).
-fn resolve_user(user: Option<&User>) -> Result<Account, Failure> {
+pub fn resolve_user(user: Option<&User>) -> Result<Account, Failure> {
     if user.is_none() {
         return crate::accounts::resolve(None, "", "").map_err(|e| Failure(SETUP_FAILED, anyhow!(e)));
     }
@@ -241,17 +251,23 @@ fn resolve_user(user: Option<&User>) -> Result<Account, Failure> {
 }
 
 fn environment(plan: &Plan, account: &Account) -> Vec<(String, String)> {
+    payload_environment(&plan.environment, plan.console.is_some(), account)
+}
+
+/// The payload's environment: the standard variables, TERM when it has a terminal, then the
+/// definition's (and its devices') in order.
+pub fn payload_environment(own: &[(String, String)], terminal: bool, account: &Account) -> Vec<(String, String)> {
     let mut env = vec![
         ("PATH".to_owned(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
         ("HOME".to_owned(), account.home.clone()),
         ("container".to_owned(), "gpubox".to_owned()),
     ];
-    if plan.console.is_some() {
+    if terminal {
         if let Ok(term) = std::env::var("TERM") {
             env.push(("TERM".into(), term));
         }
     }
-    for (k, v) in &plan.environment {
+    for (k, v) in own {
         env.retain(|(n, _)| n != k);
         env.push((k.clone(), v.clone()));
     }
@@ -259,7 +275,7 @@ fn environment(plan: &Plan, account: &Account) -> Vec<(String, String)> {
 }
 
 /// Finds the program as execvp would, but in the container's PATH.
-fn find_program(name: &str, env: &[(String, String)]) -> Result<CString, Failure> {
+pub fn find_program(name: &str, env: &[(String, String)]) -> Result<CString, Failure> {
     if name.contains('/') {
         return Ok(cstring(name)?);
     }

@@ -15,6 +15,8 @@ pub type Shared = Arc<Mutex<Live>>;
 
 struct Container {
     live: Shared,
+    /// The connected client's uid: some methods are root's alone.
+    peer_uid: u32,
 }
 
 /// Connected clients, by a number of our own, to send them `Changed` (one container per
@@ -79,6 +81,20 @@ impl Container {
     async fn status(&self) -> zbus::fdo::Result<String> {
         let status = self.live.lock().expect("live state lock").status();
         serde_json::to_string(&status).map_err(|e| fail(e.into()))
+    }
+
+    /// What `gpuboxctl exec` needs to confine a process as the payload is. Root's alone: it
+    /// only serves to enter the container, which root alone may do, and it holds the
+    /// payload's environment, where secrets live.
+    async fn exec_context(&self) -> zbus::fdo::Result<String> {
+        if self.peer_uid != 0 {
+            return Err(zbus::fdo::Error::AccessDenied(format!(
+                "entering a container needs root (the caller is uid {})",
+                self.peer_uid
+            )));
+        }
+        let context = self.live.lock().expect("live state lock").exec_context.clone();
+        serde_json::to_string(&context).map_err(|e| fail(e.into()))
     }
 
     async fn attach(&self, selector: String) -> zbus::fdo::Result<String> {
@@ -204,11 +220,12 @@ fn allowed(stream: &UnixStream, group: Option<nix::unistd::Gid>) -> bool {
 }
 
 fn serve_peer(stream: UnixStream, live: Shared) -> Result<()> {
+    let peer_uid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)?.uid();
     let guid = zbus::Guid::generate();
     let conn = zbus::blocking::connection::Builder::async_io_unix_stream(stream)
         .server(guid)?
         .p2p()
-        .serve_at(PATH, Container { live })?
+        .serve_at(PATH, Container { live, peer_uid })?
         .build()?;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

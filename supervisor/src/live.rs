@@ -58,6 +58,8 @@ pub struct Live {
     pub exclusive: bool,
     /// NVIDIA GPUs whose Xid errors are logged, by the driver's name for them (see `watch`).
     pub xid: Vec<(String, String)>,
+    /// What the payload was started with, for `gpuboxctl exec`.
+    pub exec_context: gpubox_control::ExecContext,
 }
 
 impl Live {

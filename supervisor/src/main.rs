@@ -10,6 +10,7 @@ mod control;
 mod devcgroup;
 mod devices;
 mod driver_mounts;
+mod enter;
 mod idmap;
 mod in_root;
 mod live;
@@ -71,6 +72,16 @@ fn main() -> ExitCode {
         ["device-allow", unit, ref entries @ ..] => {
             let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
             return helper(|| systemd::set_device_allow(unit, &entries));
+        }
+        // `gpuboxctl exec`'s second half (enter.rs); the request comes on the descriptor.
+        ["enter", fd] => {
+            return match fd.parse().map_err(anyhow::Error::from).and_then(enter::run) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("gpuboxctl exec: {e:#}");
+                    ExitCode::from(child::SETUP_FAILED as u8)
+                }
+            };
         }
         ["-h" | "--help"] | ["run", "-h" | "--help"] => {
             println!("{USAGE}");

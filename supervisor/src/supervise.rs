@@ -12,6 +12,7 @@ use crate::start_devices::StartDevices;
 use crate::terminal::Terminal;
 use crate::{capabilities, control, devcgroup, idmap, log, seccomp, signals, sys, systemd, watch};
 use anyhow::{Context, Result};
+use gpubox_control::ExecContext;
 use gpubox_definition::{Bind, Definition, Network, UserNamespace};
 use nix::sys::signal::{self, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -350,6 +351,7 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         held,
         exclusive: d.gpu.exclusive(),
         xid,
+        exec_context: exec_context(d, plan, pid, owner, cgroup.as_ref()),
     }));
     // Containers with devices follow udev's events; one without gets there at its first attach.
     if !d.gpu.devices.is_empty() || d.gpu.count.is_some() {
@@ -614,6 +616,26 @@ fn wait(
             notify(&[sd_notify::NotifyState::Stopping]);
             deadline = Some(Instant::now() + mode.stop_timeout);
         }
+    }
+}
+
+/// What the payload was started with, recorded for `gpuboxctl exec` (enter.rs).
+fn exec_context(d: &Definition, plan: &Plan, pid: i32, owner: u32, cgroup: Option<&Cgroup>) -> ExecContext {
+    let mut capabilities: Vec<String> = plan.capabilities.iter().map(|c| c.to_string()).collect();
+    capabilities.sort();
+    ExecContext {
+        name: d.name.clone(),
+        pid,
+        start_time: crate::enter::start_time(pid).unwrap_or(0),
+        cgroup: cgroup.map(|c| c.payload.clone()),
+        user_namespace: plan.user_namespace,
+        owner,
+        user: plan.user.as_ref().map(|u| u.to_string()),
+        environment: plan.environment.clone(),
+        working_directory: plan.working_directory.clone(),
+        capabilities,
+        no_new_privileges: plan.no_new_privileges,
+        seccomp: plan.seccomp.clone(),
     }
 }
 

@@ -48,15 +48,27 @@ impl Terminal {
         }
         let pty = nix::pty::openpty(None, None).context("allocating a pseudo-terminal for the container")?;
         let slave_path = nix::unistd::ttyname(pty.slave.as_fd()).context("naming the container's terminal")?;
-        nix::unistd::fchown(&pty.slave, Some(owner.into()), Some((owner + 5).into()))
+        Terminal::relaying(pty.master, pty.slave, slave_path, replaces, owner).map(Some)
+    }
+
+    /// Relays a pseudo-terminal made elsewhere (`gpuboxctl exec`'s, in the container's own
+    /// devpts) in place of those of our stdin, stdout and stderr in `replaces`.
+    pub fn relaying(
+        master: OwnedFd,
+        slave: OwnedFd,
+        slave_path: PathBuf,
+        replaces: Vec<i32>,
+        owner: u32,
+    ) -> Result<Terminal> {
+        nix::unistd::fchown(&slave, Some(owner.into()), Some((owner + 5).into()))
             .context("giving the container its terminal")?;
-        for fd in [pty.master.as_fd(), pty.slave.as_fd()] {
+        for fd in [master.as_fd(), slave.as_fd()] {
             nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
         }
-        nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+        nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
         let terminal = Terminal {
-            master: std::fs::File::from(pty.master),
-            slave: Some(pty.slave),
+            master: std::fs::File::from(master),
+            slave: Some(slave),
             slave_path,
             input_open: replaces.contains(&libc::STDIN_FILENO),
             replaces,
@@ -64,7 +76,7 @@ impl Terminal {
             output_done: Default::default(),
         };
         terminal.resize();
-        Ok(Some(terminal))
+        Ok(terminal)
     }
 
     /// Raw mode on the caller's terminal, until this is dropped (where we read it: the
