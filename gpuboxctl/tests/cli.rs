@@ -61,8 +61,35 @@ fn shell_completions() {
     for shell in ["bash", "zsh", "fish"] {
         let (code, out) = ctl(&["completions", shell], "/nonexistent");
         assert_eq!(code, 0);
-        assert!(out.contains("attach") && out.contains("hotplug"), "{shell}");
+        // The script asks gpuboxctl itself at each completion.
+        assert!(out.contains("COMPLETE") && out.contains("gpuboxctl"), "{shell}: {out}");
     }
+    assert_eq!(ctl(&["completions", "tcsh"], "/nonexistent").0, 2);
+}
+
+/// What the shell gets when it asks: subcommands, definition names of this host for `logs`,
+/// and GPU selectors for `attach` (none here but `all`).
+#[test]
+fn completions_name_commands_definitions_and_selectors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("trainer.gpubox"), "[Container]\nExec=/bin/true\n").unwrap();
+    std::fs::write(dir.path().join("hidden.gpubox"), "").unwrap();
+    let complete = |words: &[&str]| {
+        let out = Command::new(CTL)
+            .args(["--", "gpuboxctl"])
+            .args(words)
+            .env("COMPLETE", "fish")
+            .env("GPUBOX_DEFINITIONS_PATH", dir.path())
+            .env("GPUBOX_CDI_DIRS", "/nonexistent")
+            .env("GPUBOX_NVIDIA_PROC", "/nonexistent")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(complete(&["ex"]).lines().any(|l| l.starts_with("exec\t")), "{}", complete(&["ex"]));
+    let names = complete(&["logs", ""]);
+    assert!(names.lines().any(|l| l == "trainer") && !names.contains("hidden"), "{names}");
+    assert!(complete(&["attach", "trainer", ""]).lines().any(|l| l == "all"));
 }
 
 #[test]
