@@ -24,33 +24,153 @@ const RUN_DIR: &str = "/run/gpubox";
 /// The container could not be started (as the supervisor and `podman run` use it).
 const CANNOT_START: u8 = 125;
 
+/// The options, in Docker's and Podman's spellings where they have one, each written into the
+/// definition as the key it names (gpubox.gpubox(5)). An option gpuboxctl does not know is an
+/// error before the command, never the command itself.
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// A GPU to give the container (repeatable): all, nvidia:INDEX, nvidia:UUID,
+    /// A GPU to give the container (repeatable; [GPU] Device=): all, nvidia:INDEX, nvidia:UUID,
     /// pci:DOMAIN:BUS:DEV.FN, drm:card1, vendor:10de, cdi:VENDOR/CLASS=NAME.
-    #[arg(long = "gpu", value_name = "SELECTOR")]
+    #[arg(long = "gpu", value_name = "SELECTOR", add = crate::complete::selectors(), help_heading = "GPUs")]
     pub gpus: Vec<String>,
-    /// The container's root directory (default: the host's / read-only).
-    #[arg(long, value_name = "DIR")]
+    /// Docker's spelling: all, a count N of free GPUs (Count=N), or "device=0,1" (NVIDIA
+    /// indexes or UUIDs).
+    #[arg(long = "gpus", value_name = "all|N|device=LIST", value_parser = docker_gpus, help_heading = "GPUs")]
+    pub docker_gpus: Option<DockerGpus>,
+    /// The host's NVIDIA driver libraries and tools in the container (DriverLibraries=yes).
+    #[arg(long, help_heading = "GPUs")]
+    pub driver_libraries: bool,
+    /// Start even when a GPU is missing (Optional=yes).
+    #[arg(long = "gpu-optional", help_heading = "GPUs")]
+    pub gpu_optional: bool,
+    /// Follow GPUs that come and go while it runs (Hotplug=yes).
+    #[arg(long, help_heading = "GPUs")]
+    pub hotplug: bool,
+    /// GPUs allocated by count are this container's alone (Exclusive=yes).
+    #[arg(long, help_heading = "GPUs")]
+    pub exclusive: bool,
+    /// How long to wait for free GPUs (AllocationTimeout=, e.g. 10min, infinity).
+    #[arg(long, value_name = "TIMESPAN", value_parser = timespan, help_heading = "GPUs")]
+    pub allocation_timeout: Option<String>,
+    /// Bind the command to its GPUs' NUMA node (NUMA=yes).
+    #[arg(long, help_heading = "GPUs")]
+    pub numa: bool,
+
+    /// The container's root directory (RootDirectory=; default: the host's / read-only).
+    #[arg(long, visible_alias = "rootfs", value_name = "DIR")]
     pub root: Option<PathBuf>,
+    /// The root read-only (ReadOnly=yes).
+    #[arg(long)]
+    pub read_only: bool,
     /// Network namespace: none (the default, a private one with loopback only) or host.
-    #[arg(long, value_name = "MODE", value_parser = ["host", "none"])]
+    #[arg(long, visible_alias = "net", value_name = "MODE", value_parser = ["host", "none"])]
     pub network: Option<String>,
-    /// Bind a host path into the container (repeatable).
+    /// The container's hostname (Hostname=).
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Bind a host path into the container (repeatable; Bind=): [-]SRC[:DST].
     #[arg(long = "bind", value_name = "SRC[:DST]")]
     pub binds: Vec<String>,
+    /// Docker's spelling of a bind (repeatable): SRC[:DST[:ro|rw]].
+    #[arg(short = 'v', long = "volume", value_name = "SRC[:DST[:ro]]")]
+    pub volumes: Vec<String>,
     /// Set an environment variable (repeatable); NAME alone passes on this environment's value.
-    #[arg(long = "env", value_name = "NAME[=VALUE]", value_parser = env_assignment)]
+    #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]", value_parser = env_assignment)]
     pub env: Vec<String>,
+    /// The working directory inside (WorkingDirectory=).
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
     /// The user the command runs as inside: a name, UID or UID:GID.
-    #[arg(long, value_name = "USER")]
+    #[arg(short = 'u', long, value_name = "USER")]
     pub user: Option<String>,
+    /// The user namespace: private (the default, an unprivileged id range) or host.
+    #[arg(long, value_name = "MODE", value_parser = ["private", "host"])]
+    pub userns: Option<String>,
+    /// A minimal init as pid 1 that reaps zombies and passes signals on (Init=yes).
+    #[arg(long)]
+    pub init: bool,
+    /// Add a capability to the default set (repeatable; AddCapability=).
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a capability, or ALL (repeatable; DropCapability=).
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// The seccomp filter: default, unconfined, or an absolute path to an OCI JSON profile.
+    #[arg(long, value_name = "PROFILE")]
+    pub seccomp: Option<String>,
+    /// Docker's spelling: seccomp=PROFILE, no-new-privileges[=true|false] (repeatable).
+    #[arg(long = "security-opt", value_name = "OPTION", value_parser = security_opt)]
+    pub security_opts: Vec<(String, String)>,
     /// Name of the container and its unit NAME.service (default: gpu-run-XXXXXXXX).
     #[arg(long, value_parser = valid_name)]
     pub name: Option<String>,
-    /// The command and its arguments, passed on exactly.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    /// Accepted for Docker's habits: the container always gets a terminal of its own when
+    /// run from one, and stdin is always passed on.
+    #[arg(short = 't', long = "tty", hide = true)]
+    pub tty: bool,
+    #[arg(short = 'i', long = "interactive", hide = true)]
+    pub interactive: bool,
+    /// Accepted for Docker's habits: a one-off container is always removed when it ends.
+    #[arg(long = "rm", hide = true)]
+    pub rm: bool,
+    /// The command and its arguments, passed on exactly (everything from the first word that
+    /// is not an option; `--` before a command that starts with `-`).
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// `--gpus` as Docker takes it, as `[GPU]` lines.
+#[derive(Debug, Clone)]
+pub struct DockerGpus(Vec<String>);
+
+fn docker_gpus(value: &str) -> Result<DockerGpus, String> {
+    docker_gpu_lines(value).map(DockerGpus)
+}
+
+fn docker_gpu_lines(value: &str) -> Result<Vec<String>, String> {
+    let value = value.trim_matches('"');
+    if value == "all" {
+        return Ok(vec!["Device=all".into()]);
+    }
+    if let Ok(count) = value.parse::<u32>() {
+        return match count {
+            0 => Ok(Vec::new()),
+            n => Ok(vec![format!("Count={n}")]),
+        };
+    }
+    let devices = value
+        .strip_prefix("device=")
+        .or_else(|| value.strip_prefix("\"device="))
+        .ok_or_else(|| format!("'{value}': expected all, a number of GPUs, or device=INDEX[,INDEX…]"))?;
+    let devices: Vec<String> = devices
+        .trim_matches('"')
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("Device={}", quote(&format!("nvidia:{d}"))))
+        .collect();
+    if devices.is_empty() {
+        return Err(format!("'{value}': device= names no GPU"));
+    }
+    Ok(devices)
+}
+
+/// A time span as AllocationTimeout= takes it, checked here so that it is written as it is.
+fn timespan(value: &str) -> Result<String, String> {
+    gpubox_definition::timespan::parse(value).map(|_| value.to_owned())
+}
+
+/// `--security-opt` as Docker takes it: (key, value) of the definition.
+fn security_opt(value: &str) -> Result<(String, String), String> {
+    let (option, setting) = value.split_once(['=', ':']).unwrap_or((value, ""));
+    match option {
+        "seccomp" if !setting.is_empty() => Ok(("Seccomp".into(), setting.to_owned())),
+        "no-new-privileges" => match setting {
+            "" | "true" => Ok(("NoNewPrivileges".into(), "yes".into())),
+            "false" => Ok(("NoNewPrivileges".into(), "no".into())),
+            other => Err(format!("no-new-privileges={other}: expected true or false")),
+        },
+        _ => Err(format!("'{value}': gpubox knows seccomp=PROFILE and no-new-privileges[=true|false]")),
+    }
 }
 
 /// Runs the container to its end. Never returns `Err`: a failure is printed and becomes exit
@@ -92,22 +212,86 @@ fn definition(args: &RunArgs) -> Result<String> {
         let root = std::path::absolute(root).with_context(|| format!("--root {}", root.display()))?;
         writeln!(text, "RootDirectory={}", quote(&root.to_string_lossy()))?;
     }
+    // Free text quoted; the fixed words (yes, host, …) as they are, as the keys take them.
+    let mut plain = vec![];
+    if args.read_only {
+        plain.push(("ReadOnly", "yes"));
+    }
     if let Some(network) = &args.network {
-        writeln!(text, "Network={network}")?;
+        plain.push(("Network", network));
+    }
+    if let Some(userns) = &args.userns {
+        plain.push(("UserNamespace", userns));
+    }
+    if args.init {
+        plain.push(("Init", "yes"));
+    }
+    for (key, value) in &args.security_opts {
+        if key == "NoNewPrivileges" {
+            plain.push(("NoNewPrivileges", value));
+        }
+    }
+    for (key, value) in plain {
+        writeln!(text, "{key}={value}")?;
+    }
+    let mut line = |key: &str, value: &str| writeln!(text, "{key}={}", quote(value));
+    if let Some(hostname) = &args.hostname {
+        line("Hostname", hostname)?;
+    }
+    if let Some(workdir) = &args.workdir {
+        line("WorkingDirectory", &workdir.to_string_lossy())?;
     }
     if let Some(user) = &args.user {
-        writeln!(text, "User={}", quote(user))?;
+        line("User", user)?;
     }
     for e in &args.env {
-        writeln!(text, "Environment={}", quote(e))?;
+        line("Environment", e)?;
     }
     for b in &args.binds {
-        writeln!(text, "Bind={}", quote(&absolute_bind_source(b)?))?;
+        line("Bind", &absolute_bind_source(b)?)?;
     }
-    if !args.gpus.is_empty() {
+    for v in &args.volumes {
+        let (spec, read_only) = match v.rsplit_once(':') {
+            Some((spec, "ro")) => (spec, true),
+            Some((spec, "rw")) => (spec, false),
+            _ => (v.as_str(), false),
+        };
+        line(if read_only { "BindReadOnly" } else { "Bind" }, &absolute_bind_source(spec)?)?;
+    }
+    for cap in &args.cap_add {
+        line("AddCapability", cap)?;
+    }
+    for cap in &args.cap_drop {
+        line("DropCapability", cap)?;
+    }
+    if let Some(seccomp) = &args.seccomp {
+        line("Seccomp", seccomp)?;
+    }
+    for (key, value) in &args.security_opts {
+        if key == "Seccomp" {
+            line(key, value)?;
+        }
+    }
+    let mut gpu: Vec<String> = args.gpus.iter().map(|g| format!("Device={}", quote(g))).collect();
+    gpu.extend(args.docker_gpus.iter().flat_map(|d| d.0.iter().cloned()));
+    for (flag, key) in [
+        (args.driver_libraries, "DriverLibraries"),
+        (args.gpu_optional, "Optional"),
+        (args.hotplug, "Hotplug"),
+        (args.exclusive, "Exclusive"),
+        (args.numa, "NUMA"),
+    ] {
+        if flag {
+            gpu.push(format!("{key}=yes"));
+        }
+    }
+    if let Some(timeout) = &args.allocation_timeout {
+        gpu.push(format!("AllocationTimeout={timeout}"));
+    }
+    if !gpu.is_empty() {
         text.push_str("[GPU]\n");
-        for g in &args.gpus {
-            writeln!(text, "Device={}", quote(g))?;
+        for l in gpu {
+            writeln!(text, "{l}")?;
         }
     }
     Ok(text)
@@ -410,6 +594,116 @@ mod tests {
             let words = split(&quote(word)).unwrap();
             assert_eq!(words.len(), 1, "{word:?}");
             assert_eq!(specifiers.expand(&words[0]).unwrap(), word);
+        }
+    }
+}
+
+#[cfg(test)]
+mod options {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn definition_of(args: &[&str]) -> Result<String, clap::Error> {
+        let cli = Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))?;
+        let text = definition(&cli.run).unwrap();
+        // What it writes is a valid definition with these keys.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.gpubox");
+        fs::write(&file, &text).unwrap();
+        Sources::from_file(&file).unwrap().load().unwrap_or_else(|e| panic!("{e}\n{text}"));
+        Ok(text)
+    }
+
+    #[test]
+    fn docker_spellings_become_keys() {
+        let text = definition_of(&[
+            "--gpus",
+            "all",
+            "-e",
+            "A=1",
+            "-v",
+            "/srv/data:/data:ro",
+            "-v",
+            "/srv/out:/out",
+            "-w",
+            "/work",
+            "-u",
+            "1000",
+            "-it",
+            "--rm",
+            "--init",
+            "--userns",
+            "host",
+            "--cap-add",
+            "net_admin",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges=false",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--read-only",
+            "--hostname",
+            "box",
+            "--driver-libraries",
+            "--exclusive",
+            "--numa",
+            "--allocation-timeout",
+            "5min",
+            "nvidia-smi",
+            "-L",
+        ])
+        .unwrap();
+        for line in [
+            "Exec=\"nvidia-smi\" \"-L\"",
+            "Environment=\"A=1\"",
+            "BindReadOnly=\"/srv/data:/data\"",
+            "Bind=\"/srv/out:/out\"",
+            "WorkingDirectory=\"/work\"",
+            "User=\"1000\"",
+            "Init=yes",
+            "UserNamespace=host",
+            "AddCapability=\"net_admin\"",
+            "DropCapability=\"ALL\"",
+            "NoNewPrivileges=no",
+            "Seccomp=\"unconfined\"",
+            "ReadOnly=yes",
+            "Hostname=\"box\"",
+            "Device=all",
+            "DriverLibraries=yes",
+            "Exclusive=yes",
+            "NUMA=yes",
+            "AllocationTimeout=5min",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
+        assert!(definition_of(&["--gpus", "2", "true"]).unwrap().contains("Count=2"));
+        let text = definition_of(&["--gpus", "\"device=0,GPU-8e3c6a1e-7b1d-4c2a-9f3e-2a1b3c4d5e6f\"", "true"]).unwrap();
+        assert!(text.contains("Device=\"nvidia:0\"") && text.contains("Device=\"nvidia:GPU-8e3c6a1e-7b1d-4c2a-9f3e-2a1b3c4d5e6f\""), "{text}");
+    }
+
+    /// The command starts at the first word that is not an option; an unknown option before it
+    /// is an error, never the command (`run --gpus all -- nvidia-smi` ran `--gpus` once).
+    #[test]
+    fn options_stop_at_the_command_and_unknown_ones_are_errors() {
+        let cli = Cli::try_parse_from(["run", "--gpus", "all", "--", "nvidia-smi"]).unwrap();
+        assert_eq!(cli.run.command, ["nvidia-smi"]);
+        let cli = Cli::try_parse_from(["run", "sh", "-c", "--gpus"]).unwrap();
+        assert_eq!(cli.run.command, ["sh", "-c", "--gpus"]);
+        let cli = Cli::try_parse_from(["run", "--", "-weird"]).unwrap();
+        assert_eq!(cli.run.command, ["-weird"]);
+        for bad in [
+            &["run", "--frobnicate", "true"][..],
+            &["run", "--gpus", "many", "true"],
+            &["run", "--security-opt", "label=x", "true"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
     }
 }
