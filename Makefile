@@ -6,23 +6,51 @@ DOCDIR ?= $(PREFIX)/share/doc/gpubox
 SYSTEMUNITDIR ?= $(LIBDIR)/systemd/system
 GENERATORDIR ?= $(LIBDIR)/systemd/system-generators
 UDEVRULESDIR ?= $(LIBDIR)/udev/rules.d
+SYSUSERSDIR ?= $(LIBDIR)/sysusers.d
+MANDIR ?= $(PREFIX)/share/man
 DEFINITIONSDIR ?= /etc/gpubox
 CARGO ?= cargo
+PANDOC ?= pandoc
 TARGET_DIR ?= target
 
+# The workspace's version, for the man pages and the Debian package.
+VERSION := $(shell sed -n '/^\[workspace\.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
 BINARIES = gpubox-supervisor gpuboxctl gpubox-generator
 DOCS = README.md $(wildcard docs/*.md)
+# Manual pages: docs/NAME.SECTION.md is the source of target/man/NAME.SECTION.
+MANPAGES = $(patsubst docs/%.md,$(TARGET_DIR)/man/%,$(wildcard docs/*.[1-8].md))
+DEBDIR ?= $(TARGET_DIR)/debian
 
-.PHONY: all build install uninstall check test demo clean
+.PHONY: all build man check-man install uninstall deb check test demo clean
 
-all: build
+all: build man
 
 build:
 	GPUBOX_SYSTEMUNITDIR=$(SYSTEMUNITDIR) $(CARGO) build --release --locked
 
-install: build
+# Manual pages from their Markdown with pandoc and docs/man.lua (which says what it changes).
+# Dated by SOURCE_DATE_EPOCH, else the page's last commit, else the file.
+man: $(MANPAGES)
+
+$(TARGET_DIR)/man/%: docs/%.md docs/man.lua Cargo.toml
+	@mkdir -p $(@D)
+	@date=$${SOURCE_DATE_EPOCH:+$$(date -u -d "@$$SOURCE_DATE_EPOCH" +%F)}; \
+	date=$${date:-$$(git log -1 --format=%cs -- $< 2>/dev/null)}; \
+	date=$${date:-$$(date -u -r $< +%F)}; \
+	echo "$(PANDOC) $< -> $@"; \
+	$(PANDOC) --standalone --from markdown --to man --lua-filter docs/man.lua \
+		--metadata date="$$date" --metadata footer="gpubox $(VERSION)" \
+		--metadata header="gpubox manual" --output $@ $<
+
+# Every page renders without a warning in an 80-column terminal (as man(1) and lintian render
+# them), and has a NAME section that whatis/apropos can read.
+check-man: man
+	tests/man-check $(MANPAGES)
+
+install: build man
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(GENERATORDIR) $(DESTDIR)$(SYSTEMUNITDIR) \
-		$(DESTDIR)$(UDEVRULESDIR) $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DEFINITIONSDIR)
+		$(DESTDIR)$(UDEVRULESDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(DOCDIR)/examples \
+		$(DESTDIR)$(DEFINITIONSDIR)
 	install -m 0755 $(TARGET_DIR)/release/gpubox-supervisor $(TARGET_DIR)/release/gpuboxctl $(DESTDIR)$(BINDIR)/
 	install -m 0755 $(TARGET_DIR)/release/gpubox-generator $(DESTDIR)$(GENERATORDIR)/
 	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' units/gpu@.service \
@@ -32,6 +60,10 @@ install: build
 		sed -e 's|@BINDIR@|$(BINDIR)|g' $$rules > $(DESTDIR)$(UDEVRULESDIR)/$$(basename $$rules); \
 		chmod 0644 $(DESTDIR)$(UDEVRULESDIR)/$$(basename $$rules); \
 	done
+	install -m 0644 sysusers.d/gpubox.conf $(DESTDIR)$(SYSUSERSDIR)/gpubox.conf
+	for page in $(MANPAGES); do \
+		install -D -m 0644 $$page $(DESTDIR)$(MANDIR)/man$${page##*.}/$$(basename $$page); \
+	done
 	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
 	install -m 0644 examples/*.gpubox $(DESTDIR)$(DOCDIR)/examples/
 
@@ -40,8 +72,18 @@ uninstall:
 	rm -f $(DESTDIR)$(GENERATORDIR)/gpubox-generator
 	rm -f $(DESTDIR)$(SYSTEMUNITDIR)/gpu@.service
 	rm -f $(addprefix $(DESTDIR)$(UDEVRULESDIR)/,$(notdir $(wildcard udev-rules/*.rules)))
+	rm -f $(DESTDIR)$(SYSUSERSDIR)/gpubox.conf
+	for page in $(notdir $(MANPAGES)); do rm -f $(DESTDIR)$(MANDIR)/man$${page##*.}/$$page; done
 	rm -rf $(DESTDIR)$(DOCDIR)
 	@echo "Definitions in $(DESTDIR)$(DEFINITIONSDIR) are yours and were left in place."
+	@echo "The group gpubox, if systemd-sysusers made it, was left in place."
+
+# The Debian package target/debian/gpubox_VERSION_ARCH.deb: `make install PREFIX=/usr` into a
+# staging tree (so that only the rules above know where files go), packed by packaging/deb/pack.
+deb:
+	rm -rf $(DEBDIR)/root
+	$(MAKE) --no-print-directory install DESTDIR=$(abspath $(DEBDIR))/root PREFIX=/usr
+	packaging/deb/pack $(DEBDIR)/root $(VERSION) $(DEBDIR)
 
 # Every test: unit, golden files, systemd-analyze verify, privileged (as root), VM system tests.
 check test:

@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Runs a one-off container as a transient unit (standalone where systemd is not PID 1).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Containers: every definition, and the state and devices of those that run.
     List,
     /// One running container: state, payload pid, devices and how they came.
@@ -97,7 +97,7 @@ fn main() -> ExitCode {
     clap_complete::CompleteEnv::with_factory(<Cli as clap::CommandFactory>::command).var(complete::VAR).complete();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::List => list(cli.json),
         Command::Status { name } => with_client(&name, cli.json, true, |c| c.status()),
         Command::Attach { name, selector } => with_client(&name, cli.json, false, |c| c.attach(&selector)),
