@@ -36,4 +36,12 @@ impl Error {
             Error::NotFound { .. } => None,
         }
     }
+
+    /// The line the error is about, if any.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Error::Syntax { line, .. } | Error::Key { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
 }

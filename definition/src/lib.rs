@@ -6,6 +6,7 @@ mod error;
 mod load;
 mod model;
 pub mod selector;
+pub mod suggest;
 pub mod syntax;
 pub mod timespan;
 pub mod words;

@@ -119,17 +119,53 @@ impl Sources {
         sources(name.to_owned(), path.to_owned(), &dirs)
     }
 
-    /// Reads, parses and validates every file, in order, into one definition.
+    /// Reads, parses and validates every file, in order, into one definition; the first of
+    /// its errors (in file and line order) if it has any.
     pub fn load(&self) -> Result<Definition, Error> {
-        check_name(&self.name, &self.main)?;
-        let files = std::iter::once(&self.main)
-            .chain(&self.dropins)
-            .map(|path| {
-                let text = fs::read_to_string(path).map_err(|source| Error::Io { path: path.clone(), source })?;
-                Ok((path.clone(), syntax::parse(path, &text)?))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        model::build(&self.name, &files)
+        let (definition, mut errors) = self.load_all();
+        if errors.is_empty() {
+            Ok(definition)
+        } else {
+            Err(errors.remove(0))
+        }
+    }
+}
+
+impl Sources {
+    /// Every error of every file, in file and line order, as `gpuboxctl validate` reports them.
+    pub fn check(&self) -> Vec<Error> {
+        self.load_all().1
+    }
+
+    /// The definition as far as it is right, and every error of every file: each file is read
+    /// and parsed to its end and every assignment checked, rather than stopping at the first
+    /// (an assignment in error is left out of the definition).
+    pub fn load_all(&self) -> (Definition, Vec<Error>) {
+        let mut errors = Vec::new();
+        if let Err(e) = check_name(&self.name, &self.main) {
+            errors.push(e);
+        }
+        let mut files = Vec::new();
+        for path in std::iter::once(&self.main).chain(&self.dropins) {
+            match fs::read_to_string(path) {
+                Ok(text) => {
+                    let (assignments, mut syntax_errors) = syntax::parse_all(path, &text);
+                    errors.append(&mut syntax_errors);
+                    files.push((path.clone(), assignments));
+                }
+                Err(source) => errors.push(Error::Io { path: path.clone(), source }),
+            }
+        }
+        let (definition, model_errors) = model::build_all(&self.name, &files);
+        errors.extend(model_errors);
+        // Files in the order they apply, lines in order within each, then what is about a
+        // whole file (a stable sort keeps their order).
+        let order = |e: &Error| {
+            let file = e.path().and_then(|p| files.iter().position(|(f, _)| f == p)).unwrap_or(usize::MAX);
+            (file, e.line().unwrap_or(usize::MAX))
+        };
+        errors.sort_by_key(order);
+        (definition, errors)
     }
 }
 

@@ -28,6 +28,10 @@ pub struct Definition {
 pub struct PassThrough {
     pub key: String,
     pub value: String,
+    /// Where it was set, for errors about it (systemd's own keys are checked by
+    /// `gpuboxctl validate` against what the installed systemd knows).
+    pub path: PathBuf,
+    pub line: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -170,7 +174,10 @@ const MANAGED_SERVICE_KEYS: &[(&str, &str)] = &[
     ("PrivateNetwork", "the supervisor's reservations live in the host's network namespace; use [Container] Network="),
 ];
 
-pub(crate) fn build(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> Result<Definition, Error> {
+/// The definition and every error in it (an assignment in error is left out and the rest
+/// applied), for `gpuboxctl validate`.
+pub(crate) fn build_all(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> (Definition, Vec<Error>) {
+    let mut errors = Vec::new();
     let specifiers = Specifiers { instance: name };
     let mut d = Definition {
         name: name.to_owned(),
@@ -182,26 +189,33 @@ pub(crate) fn build(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> Result<
         install: Install::default(),
     };
     let mut exec_at: Option<(PathBuf, usize)> = None;
+    // An Exec= in error says so itself; that the command is then missing would only repeat it.
+    let mut exec_failed = false;
 
     for (path, assignments) in files {
         let mut seen = HashSet::new();
         for a in assignments {
             let k = Key { path, a, specifiers: &specifiers };
             if is_single_valued(&a.section, &a.key) && !seen.insert((a.section.as_str(), a.key.as_str())) {
-                return Err(
-                    k.error("set more than once in this file (it takes one value; later drop-ins may override it)")
+                errors.push(
+                    k.error("set more than once in this file (it takes one value; later drop-ins may override it)"),
                 );
+                continue;
             }
-            apply(&mut d, &k)?;
+            if let Err(e) = apply(&mut d, &k) {
+                errors.push(e);
+                exec_failed |= (a.section.as_str(), a.key.as_str()) == ("Container", "Exec");
+                continue;
+            }
             if (a.section.as_str(), a.key.as_str()) == ("Container", "Exec") {
                 exec_at = Some((path.clone(), a.line));
             }
         }
     }
 
-    if d.container.exec.is_empty() {
+    if d.container.exec.is_empty() && !exec_failed {
         let path = files.first().map(|(p, _)| p.clone()).unwrap_or_default();
-        return Err(match exec_at {
+        errors.push(match exec_at {
             Some((path, line)) => Error::Key {
                 path,
                 line,
@@ -215,12 +229,12 @@ pub(crate) fn build(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> Result<
         });
     }
     if d.gpu.count.is_some() && d.gpu.hotplug {
-        return Err(Error::Definition {
+        errors.push(Error::Definition {
             path: files.first().map(|(p, _)| p.clone()).unwrap_or_default(),
             message: "[GPU] Count= and Hotplug=yes do not go together: a job keeps the GPUs it was given".into(),
         });
     }
-    Ok(d)
+    (d, errors)
 }
 
 fn is_single_valued(section: &str, key: &str) -> bool {
@@ -287,6 +301,15 @@ impl Key<'_> {
                 Err(self
                     .error(format!("expected a boolean (yes/no, true/false, on/off, 1/0), found '{}'", self.value())))
             }
+        }
+    }
+
+    fn pass_through(&self) -> PassThrough {
+        PassThrough {
+            key: self.a.key.clone(),
+            value: self.a.value.clone(),
+            path: self.path.to_owned(),
+            line: self.a.line,
         }
     }
 
@@ -430,12 +453,12 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
                 if empty { None } else { crate::timespan::parse(&a.value).map_err(|e| k.error(e))? }
         }
         ("GPU", "NUMA") => d.gpu.numa = !empty && k.boolean()?,
-        ("Unit", _) => d.unit.push(PassThrough { key: a.key.clone(), value: a.value.clone() }),
+        ("Unit", _) => d.unit.push(k.pass_through()),
         ("Service", key) => {
             if let Some((_, why)) = MANAGED_SERVICE_KEYS.iter().find(|(k, _)| *k == key) {
                 return Err(k.error(format!("is managed by gpubox and cannot be set here: {why}")));
             }
-            d.service.push(PassThrough { key: a.key.clone(), value: a.value.clone() });
+            d.service.push(k.pass_through());
         }
         ("Install", key @ ("WantedBy" | "RequiredBy" | "UpheldBy")) => {
             let list = match key {
@@ -455,8 +478,12 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
                 }
             }
         }
-        ("Container" | "GPU" | "Install", _) => {
-            return Err(k.error(format!("unknown key in [{}] (known: {})", a.section, known_keys(&a.section))))
+        ("Container" | "GPU" | "Install", key) => {
+            let known = known_keys(&a.section);
+            let hint = crate::suggest::did_you_mean(key, known.split(", "))
+                .map(|s| format!("did you mean {s}=? "))
+                .unwrap_or_default();
+            return Err(k.error(format!("unknown key in [{}] ({hint}known: {known})", a.section)));
         }
         (section, _) => {
             return Err(Error::Syntax {

@@ -123,7 +123,12 @@ impl FromStr for Selector {
             "cdi" => parse_cdi(arg).ok_or_else(|| {
                 format!("'{s}': expected a fully qualified CDI name VENDOR/CLASS=NAME, e.g. cdi:nvidia.com/gpu=0")
             }),
-            _ => Err(format!("unknown GPU selector '{s}' (expected one of: {FORMS})")),
+            _ => {
+                let hint = crate::suggest::did_you_mean(kind, ["nvidia", "pci", "drm", "vendor", "cdi"])
+                    .map(|k| format!("did you mean {k}:{arg}? "))
+                    .unwrap_or_default();
+                Err(format!("unknown GPU selector '{s}' ({hint}expected one of: {FORMS})"))
+            }
         }
     }
 }

@@ -20,8 +20,21 @@ pub struct Assignment {
     pub line: usize,
 }
 
-/// Splits a file into its assignments, in order.
+/// Splits a file into its assignments, in order; the first error if there is any.
 pub fn parse(path: &Path, text: &str) -> Result<Vec<Assignment>, Error> {
+    let (assignments, mut errors) = parse_all(path, text);
+    if errors.is_empty() {
+        Ok(assignments)
+    } else {
+        Err(errors.remove(0))
+    }
+}
+
+/// Splits a file into its assignments, in order, and every error found on the way (for
+/// `gpuboxctl validate`): a line in error is left out, and so are the keys under a section
+/// header in error, which would only be misread.
+pub fn parse_all(path: &Path, text: &str) -> (Vec<Assignment>, Vec<Error>) {
+    let mut errors = Vec::new();
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let syntax = |line: usize, message: String| Error::Syntax { path: path.to_owned(), line, message };
 
@@ -36,15 +49,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Assignment>, Error> {
                 '\0' => " (NUL)".to_owned(),
                 _ => String::new(),
             };
-            return Err(syntax(
+            errors.push(syntax(
                 i + 1,
                 format!("control character U+{:04X}{name} in the line; definitions are text", c as u32),
             ));
         }
     }
+    // Such a line may be several lines to systemd: nothing of the file can be trusted.
+    if !errors.is_empty() {
+        return (Vec::new(), errors);
+    }
 
     let mut out = Vec::new();
     let mut section: Option<String> = None;
+    // Under a header in error, keys are skipped (their error would only repeat it).
+    let mut bad_section = false;
     let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l));
 
     while let Some((first_line, raw)) = lines.next() {
@@ -66,31 +85,49 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Assignment>, Error> {
         let logical = logical.trim_end();
 
         if let Some(rest) = logical.strip_prefix('[') {
-            let name = rest
-                .strip_suffix(']')
-                .ok_or_else(|| syntax(first_line, format!("section header '{logical}' lacks a closing ']'")))?;
+            let Some(name) = rest.strip_suffix(']') else {
+                errors.push(syntax(first_line, format!("section header '{logical}' lacks a closing ']'")));
+                bad_section = true;
+                continue;
+            };
             if name.is_empty() || name.contains(['[', ']']) {
-                return Err(syntax(first_line, format!("invalid section header '{logical}'")));
+                errors.push(syntax(first_line, format!("invalid section header '{logical}'")));
+                bad_section = true;
+                continue;
             }
             if !KNOWN_SECTIONS.contains(&name) {
-                return Err(syntax(
+                let hint = crate::suggest::did_you_mean(name, KNOWN_SECTIONS.iter().copied())
+                    .map(|s| format!("did you mean [{s}]? "))
+                    .unwrap_or_default();
+                errors.push(syntax(
                     first_line,
-                    format!("unknown section [{name}] (expected [Container], [GPU], [Unit], [Service] or [Install])"),
+                    format!(
+                        "unknown section [{name}] ({hint}expected [Container], [GPU], [Unit], [Service] or [Install])"
+                    ),
                 ));
+                bad_section = true;
+                continue;
             }
             section = Some(name.to_owned());
+            bad_section = false;
+            continue;
+        }
+        if bad_section {
             continue;
         }
 
         let Some((key, value)) = logical.split_once('=') else {
-            return Err(syntax(first_line, format!("expected 'Key=Value' or '[Section]', found '{logical}'")));
+            errors.push(syntax(first_line, format!("expected 'Key=Value' or '[Section]', found '{logical}'")));
+            continue;
         };
         let key = key.trim();
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.') {
-            return Err(syntax(first_line, format!("invalid key name '{key}'")));
+            errors.push(syntax(first_line, format!("invalid key name '{key}'")));
+            continue;
         }
         let Some(section) = &section else {
-            return Err(syntax(first_line, format!("'{key}=' appears before any [Section] header")));
+            errors.push(syntax(first_line, format!("'{key}=' appears before any [Section] header")));
+            continue;
         };
         out.push(Assignment {
             section: section.clone(),
@@ -99,7 +136,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Assignment>, Error> {
             line: first_line,
         });
     }
-    Ok(out)
+    (out, errors)
 }
 
 /// `a\\` ends in an escaped backslash, not a continuation.

@@ -125,7 +125,7 @@ RequiredBy=train.target
     assert_eq!(devices, ["nvidia:0", "pci:0000:01:00.0", "cdi:nvidia.com/gpu=1"]);
     assert!(d.gpu.optional && d.gpu.hotplug && d.gpu.driver_libraries);
     // Pass-through keeps systemd's own specifiers for systemd to expand.
-    assert_eq!(d.unit[0], PassThrough { key: "Description".into(), value: "Training %i".into() });
+    assert_eq!((d.unit[0].key.as_str(), d.unit[0].value.as_str()), ("Description", "Training %i"));
     assert_eq!(d.service.len(), 2);
     assert_eq!(d.install.wanted_by, ["multi-user.target"]);
     assert_eq!(d.install.required_by, ["train.target"]);
@@ -291,4 +291,37 @@ fn a_file_given_directly_brings_its_dropins() {
     assert_eq!((d.name.as_str(), d.container.network), ("try", Network::Host));
     let e = Sources::from_file(&t.path("x/try.conf")).unwrap_err().to_string();
     assert!(e.ends_with("a definition's file name must end in '.gpubox'"), "{e}");
+}
+
+/// `gpuboxctl validate` (issue #15): every mistake of every file, in the order they apply and
+/// line by line, each with the nearest known name where one is close; a section in error
+/// does not also report each of its keys.
+#[test]
+fn check_reports_every_error_of_every_file_in_order() {
+    let t = Tree::new();
+    t.write(
+        "etc/job.gpubox",
+        "[Container]\nExec=/bin/true\nEnviroment=A=1\nNetwork=bridge\n[Containr]\nFoo=1\nBar=2\n[GPU]\nDevice=nvidai:0\n",
+    );
+    t.write("etc/job.gpubox.d/10-more.conf", "[Container]\nReadOnly=maybe\n");
+    let sources = t.search(&["etc"]).find("job").unwrap();
+    let errors: Vec<String> = sources.check().iter().map(|e| e.to_string()).collect();
+    let main = t.path("etc/job.gpubox").display().to_string();
+    let dropin = t.path("etc/job.gpubox.d/10-more.conf").display().to_string();
+    let expected = [
+        format!("{main}:3: [Container] Enviroment=: unknown key in [Container] (did you mean Environment=?"),
+        format!("{main}:4: [Container] Network=: expected one of none, host, found 'bridge'"),
+        format!("{main}:5: unknown section [Containr] (did you mean [Container]?"),
+        format!("{main}:9: [GPU] Device=: unknown GPU selector 'nvidai:0' (did you mean nvidia:0?"),
+        format!("{dropin}:2: [Container] ReadOnly=: expected a boolean"),
+    ];
+    assert_eq!(errors.len(), expected.len(), "{errors:#?}");
+    for (error, start) in errors.iter().zip(&expected) {
+        assert!(error.starts_with(start.as_str()), "{error}\n  does not start with\n{start}");
+    }
+    // The first of them is what loading says.
+    assert_eq!(sources.load().unwrap_err().to_string(), errors[0]);
+    // A right definition has none.
+    t.write("etc/ok.gpubox", "[Container]\nExec=/bin/true\n");
+    assert!(t.search(&["etc"]).find("ok").unwrap().check().is_empty());
 }

@@ -6,10 +6,11 @@ mod complete;
 mod exec;
 mod run;
 mod usage;
+mod validate;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use gpubox_definition::{SearchPath, Sources};
+use gpubox_definition::SearchPath;
 use gpubox_devices::{allocation, select::selector_forms, Inventory};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -119,7 +120,7 @@ fn main() -> ExitCode {
         Command::Completions { shell } => {
             complete::registration(&shell, &mut std::io::stdout()).map(|_| ExitCode::SUCCESS)
         }
-        Command::Validate { files } => validate(&files, cli.json),
+        Command::Validate { files } => validate::validate(&files, cli.json),
     };
     match result {
         Ok(code) => code,
@@ -230,47 +231,67 @@ fn with_client(
 
 fn list(json: bool) -> Result<ExitCode> {
     // Masked definitions are switched off: they are not containers to list.
-    let mut names: Vec<String> = SearchPath::from_env()
+    let definitions: Vec<gpubox_definition::Sources> = SearchPath::from_env()
         .discover()
-        .map(|all| all.into_iter().filter(|s| !s.masked).map(|s| s.name).collect())
+        .map(|all| all.into_iter().filter(|s| !s.masked).collect())
         .unwrap_or_default();
+    let mut names: Vec<String> = definitions.iter().map(|s| s.name.clone()).collect();
     for running in gpubox_control::running() {
         if !names.contains(&running) {
             names.push(running);
         }
     }
     names.sort();
-    let statuses: Vec<(String, Option<gpubox_control::Status>)> = names
+    let systemd = validate::SystemdKeys::installed();
+    // What each row says: the running container's status, else whether its definition would
+    // start (the first of its errors when it would not).
+    let rows: Vec<(String, Option<gpubox_control::Status>, Option<String>)> = names
         .into_iter()
         .map(|n| {
             let status = gpubox_control::Client::connect(&n).and_then(|c| c.status()).ok();
-            (n, status)
+            let error = match &status {
+                Some(_) => None,
+                None => definitions
+                    .iter()
+                    .find(|s| s.name == n)
+                    .and_then(|s| validate::check(s, systemd.as_ref()).errors.into_iter().next()),
+            };
+            (n, status, error)
         })
         .collect();
     if json {
-        let list: Vec<serde_json::Value> = statuses
+        let list: Vec<serde_json::Value> = rows
             .iter()
-            .map(|(n, s)| match s {
-                Some(s) => serde_json::to_value(s).expect("serialisable"),
-                None => serde_json::json!({"name": n, "state": "inactive"}),
+            .map(|(n, s, error)| match (s, error) {
+                (Some(s), _) => serde_json::to_value(s).expect("serialisable"),
+                (None, Some(e)) => serde_json::json!({"name": n, "state": "invalid", "error": e}),
+                (None, None) => serde_json::json!({"name": n, "state": "inactive"}),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let mut rows = vec![["NAME".to_owned(), "STATE".into(), "PID".into(), "DEVICES".into()]];
-    for (name, status) in &statuses {
-        rows.push(match status {
-            Some(s) => [
+    let mut table = vec![["NAME".to_owned(), "STATE".into(), "PID".into(), "DEVICES".into()]];
+    let mut problems = Vec::new();
+    for (name, status, error) in &rows {
+        table.push(match (status, error) {
+            (Some(s), _) => [
                 name.clone(),
                 s.state.clone(),
                 s.pid.to_string(),
                 s.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(" "),
             ],
-            None => [name.clone(), "inactive".into(), "-".into(), "-".into()],
+            (None, Some(e)) => {
+                problems.push(e.clone());
+                [name.clone(), "invalid".into(), "-".into(), "-".into()]
+            }
+            (None, None) => [name.clone(), "inactive".into(), "-".into(), "-".into()],
         });
     }
-    print_table(&rows);
+    print_table(&table);
+    for p in problems {
+        println!("invalid: {p}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -388,37 +409,4 @@ fn print_table<const N: usize>(rows: &[[String; N]]) {
         let line: Vec<String> = (0..N).map(|i| format!("{:w$}", r[i], w = widths[i])).collect();
         println!("{}", line.join("  ").trim_end());
     }
-}
-
-fn validate(files: &[PathBuf], json: bool) -> Result<ExitCode> {
-    let sources: Vec<Result<Sources, String>> = if files.is_empty() {
-        SearchPath::from_env().discover()?.into_iter().filter(|s| !s.masked).map(Ok).collect()
-    } else {
-        files.iter().map(|f| Sources::from_file(f).map_err(|e| e.to_string())).collect()
-    };
-    let mut results = Vec::new();
-    for s in sources {
-        let (file, error) = match s {
-            Ok(s) => (s.main.display().to_string(), s.load().err().map(|e| e.to_string())),
-            Err(e) => (String::new(), Some(e)),
-        };
-        results.push((file, error));
-    }
-    let failed = results.iter().filter(|(_, e)| e.is_some()).count();
-    if json {
-        let list: Vec<serde_json::Value> =
-            results.iter().map(|(f, e)| serde_json::json!({"file": f, "ok": e.is_none(), "error": e})).collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
-    } else {
-        for (file, error) in &results {
-            match error {
-                None => println!("ok     {file}"),
-                Some(e) => println!("error  {e}"),
-            }
-        }
-        if results.is_empty() {
-            println!("no definitions found (searched {})", SearchPath::from_env().display());
-        }
-    }
-    Ok(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -685,7 +685,11 @@ mod options {
         }
         assert!(definition_of(&["--gpus", "2", "true"]).unwrap().contains("Count=2"));
         let text = definition_of(&["--gpus", "\"device=0,GPU-8e3c6a1e-7b1d-4c2a-9f3e-2a1b3c4d5e6f\"", "true"]).unwrap();
-        assert!(text.contains("Device=\"nvidia:0\"") && text.contains("Device=\"nvidia:GPU-8e3c6a1e-7b1d-4c2a-9f3e-2a1b3c4d5e6f\""), "{text}");
+        assert!(
+            text.contains("Device=\"nvidia:0\"")
+                && text.contains("Device=\"nvidia:GPU-8e3c6a1e-7b1d-4c2a-9f3e-2a1b3c4d5e6f\""),
+            "{text}"
+        );
     }
 
     /// The command starts at the first word that is not an option; an unknown option before it

@@ -30,11 +30,44 @@ fn validate_reports_each_definition_and_fails_on_any_error() {
     assert!(out.lines().any(|l| l.starts_with("ok ") && l.ends_with("good.gpubox")), "{out}");
     let (code, out) =
         ctl(&["validate", &repo("examples/train.gpubox"), &repo("examples/inference.gpubox")], "/nonexistent");
-    assert_eq!((code, out.lines().count()), (0, 2), "{out}");
+    // Right, and each warned that its selector matches no GPU of this (GPU-less) host.
+    assert_eq!((code, out.lines().count()), (0, 4), "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("warning ") && l.contains("matches no GPU")).count(), 2, "{out}");
     let (code, out) = ctl(&["validate", "--json"], &repo("tests/generator/bad-among-good/etc"));
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(code, 1);
     assert_eq!(list.as_array().unwrap().iter().filter(|v| v["ok"] == true).count(), 1);
+}
+
+/// Every mistake of a file at once, the nearest names suggested, systemd's own keys checked
+/// against the installed systemd; `list` marks such a definition `invalid`.
+#[test]
+fn validate_finds_every_mistake_and_list_marks_the_definition_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("typos.gpubox"),
+        "[Container]\nExec=/bin/true\nEnviroment=A=1\n[Service]\nMemroyMax=1G\n[GPU]\nDevice=nvidai:0\n",
+    )
+    .unwrap();
+    let (code, out) = ctl(&["validate"], dir.path().to_str().unwrap());
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("typos.gpubox:3: [Container] Enviroment=: unknown key in [Container] (did you mean Environment=?"),
+        "{out}"
+    );
+    assert!(
+        out.contains("typos.gpubox:7: [GPU] Device=: unknown GPU selector 'nvidai:0' (did you mean nvidia:0?"),
+        "{out}"
+    );
+    if std::path::Path::new("/usr/lib/systemd/systemd").exists()
+        || std::path::Path::new("/lib/systemd/systemd").exists()
+    {
+        assert!(out.contains("typos.gpubox:5: [Service] MemroyMax=: unknown to this host's systemd, which would ignore it (did you mean MemoryMax=?)"), "{out}");
+    }
+    let (code, out) = ctl(&["list"], dir.path().to_str().unwrap());
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l.starts_with("typos ") && l.contains("invalid")), "{out}");
+    assert!(out.contains("invalid: ") && out.contains("Enviroment="), "{out}");
 }
 
 #[test]
