@@ -34,6 +34,9 @@ pub struct Status {
     pub pid: i32,
     pub hotplug: bool,
     pub devices: Vec<Device>,
+    /// With `Hotplug=yes`: the definition's selectors that match nothing yet, waited for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<String>,
 }
 
 /// A device the container holds.

@@ -198,8 +198,11 @@ fn with_client(
             status.pid,
             if status.hotplug { "on" } else { "off" }
         );
-        if status.devices.is_empty() {
+        if status.devices.is_empty() && status.waiting.is_empty() {
             println!("  no devices");
+        }
+        for selector in &status.waiting {
+            println!("  {selector}: waiting for it to appear (Hotplug=yes; nothing on this host matches it yet)");
         }
         for d in &status.devices {
             let nodes: Vec<String> = d.nodes.iter().map(|n| n.display().to_string()).collect();

@@ -70,6 +70,15 @@ impl Live {
             pid: self.pid,
             hotplug: self.hotplug,
             devices: self.devices.clone(),
+            waiting: if self.hotplug {
+                self.selectors
+                    .iter()
+                    .map(|s| s.to_string())
+                    .filter(|s| !self.devices.iter().any(|d| &d.name == s))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         }
     }
 

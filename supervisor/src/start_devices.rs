@@ -76,6 +76,14 @@ pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDev
         let one = gpubox_devices::select(&inventory, std::slice::from_ref(selector), true).unwrap_or_default();
         if !one.nodes.is_empty() || !one.mounts.is_empty() {
             devices.push(status_entry(&selector.to_string(), &one, "start"));
+        } else if gpu.hotplug {
+            crate::log::info(&format!(
+                "[GPU] Device={selector} matches nothing on this host yet; waiting for it (Hotplug=yes)"
+            ));
+        } else {
+            crate::log::warn(&format!(
+                "[GPU] Device={selector} matches nothing on this host; starting without it (Optional=yes)"
+            ));
         }
         // Held too: shared, unless Exclusive=yes; either way none held exclusively by another.
         let matched = allocation::candidates(&inventory, std::slice::from_ref(selector)).unwrap_or_default();

@@ -506,3 +506,30 @@ fn a_detach_does_not_follow_a_moved_directory() {
     assert!(err.contains("/dev/dri in the container (moved since it was attached?)"), "{err}");
     assert_eq!(c.inside("grep -c ' /proc/' /proc/self/mountinfo"), masks, "a mount under /proc went");
 }
+
+/// Issue #15: a `Hotplug=yes` container whose selector matches nothing yet starts, and its
+/// status says what it waits for (once said only "no devices"); once a device matches it
+/// and comes, the wait is over.
+#[test]
+fn status_says_what_a_hotplug_container_waits_for() {
+    if !privileged() {
+        return;
+    }
+    let c = Container::start_with("live-wait", "Device=cdi:example.com/gpu=later\nHotplug=yes\n");
+    let (code, out, err) = c.ctl(&["status", "live-wait"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cdi:example.com/gpu=later: waiting for it to appear"), "{out}");
+    let (_, json, _) = c.ctl(&["status", "live-wait", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(status["waiting"], serde_json::json!(["cdi:example.com/gpu=later"]), "{json}");
+    // The spec gains the device, and udev (here by hand) says a device came.
+    let spec = c.dir.path().join("cdi/standin.yaml");
+    let text = fs::read_to_string(&spec).unwrap().replace("  - name: a\n", "  - name: later\n");
+    fs::write(&spec, text).unwrap();
+    let (code, _, err) = c.ctl(&["hotplug", "add", "/dev/standin0"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, json, _) = c.ctl(&["status", "live-wait", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(status.get("waiting").is_none(), "{json}");
+    assert_eq!(status["devices"][0]["name"], "cdi:example.com/gpu=later", "{json}");
+}
