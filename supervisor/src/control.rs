@@ -3,51 +3,18 @@
 //! group when it exists, may connect: the socket's mode says so, and each peer's credentials
 //! are checked again on accept.
 
-use crate::live::Live;
+use crate::live::{Live, Shared};
 use crate::log;
+use crate::peers::{self, announce};
 use anyhow::{Context, Result};
-use gpubox_control::{socket_path, INTERFACE, PATH};
+use gpubox_control::{socket_path, PATH};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
-
-pub type Shared = Arc<Mutex<Live>>;
 
 struct Container {
     live: Shared,
     /// The connected client's uid: some methods are root's alone.
     peer_uid: u32,
-}
-
-/// Connected clients, by a number of our own, to send them `Changed` (one container per
-/// process, so one list).
-static PEERS: Mutex<Vec<(u64, zbus::blocking::Connection)>> = Mutex::new(Vec::new());
-
-/// Tells every connected client that the container changed (`Changed`, with its status), off
-/// the caller's thread: a slow client must not hold up a change. One sender thread, started
-/// with the first announcement, so clients hear of changes in the order they happened; callers
-/// announce while they hold the live state's lock.
-pub fn announce(status: &gpubox_control::Status) {
-    static SENDER: OnceLock<Option<mpsc::Sender<String>>> = OnceLock::new();
-    if PEERS.lock().expect("peers lock").is_empty() {
-        return;
-    }
-    let Ok(json) = serde_json::to_string(status) else { return };
-    let sender = SENDER.get_or_init(|| {
-        let (sender, changes) = mpsc::channel::<String>();
-        let spawned = std::thread::Builder::new().name("announce".into()).spawn(move || {
-            for json in changes {
-                let peers = PEERS.lock().expect("peers lock").clone();
-                for (_, peer) in peers {
-                    let _ = peer.emit_signal(None::<&str>, PATH, INTERFACE, "Changed", &(json.as_str(),));
-                }
-            }
-        });
-        spawned.ok().map(|_| sender)
-    });
-    if let Some(sender) = sender {
-        let _ = sender.send(json);
-    }
 }
 
 fn fail(e: anyhow::Error) -> zbus::fdo::Error {
@@ -229,13 +196,13 @@ fn serve_peer(stream: UnixStream, live: Shared) -> Result<()> {
         .build()?;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    PEERS.lock().expect("peers lock").push((id, conn.clone()));
+    peers::add(id, conn.clone());
     // Wait for the client to go away, then forget it.
     for message in zbus::blocking::MessageIterator::from(&conn) {
         if message.is_err() {
             break;
         }
     }
-    PEERS.lock().expect("peers lock").retain(|(i, _)| *i != id);
+    peers::remove(id);
     Ok(())
 }

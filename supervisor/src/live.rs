@@ -17,6 +17,9 @@ use gpubox_devices::{select, Inventory, Node, Selection};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
+/// The live state, shared by the control socket's threads and the device watch.
+pub type Shared = std::sync::Arc<std::sync::Mutex<Live>>;
+
 pub struct Live {
     pub name: String,
     pub pid: i32,

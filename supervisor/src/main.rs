@@ -19,6 +19,7 @@ mod mount_helper;
 mod node_modes;
 mod numa;
 mod nvidia_topology;
+mod peers;
 mod reach;
 mod rootfs;
 mod seccomp;

@@ -540,7 +540,7 @@ fn cg_cleanup(cgroup: Option<Cgroup>) {
 fn wait(
     child: Pid,
     signals: &SignalFd,
-    control: Option<(&control::Listener, &control::Shared)>,
+    control: Option<(&control::Listener, &crate::live::Shared)>,
     mut terminal: Option<&mut Terminal>,
     cgroup: Option<&Cgroup>,
     mode: &Mode,

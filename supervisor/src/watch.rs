@@ -14,7 +14,7 @@
 //! before the first look at the devices, so nothing that happens after that look is missed.
 //! (`gpuboxctl hotplug` does the same by hand, over the control socket.)
 
-use crate::control::Shared;
+use crate::live::Shared;
 use crate::log;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use std::os::fd::AsFd;
@@ -216,7 +216,7 @@ fn settle(live: &Shared, due: Due, modes: Option<&Inotify>) -> bool {
         live.follow_host_modes();
     }
     if live.devices != before {
-        crate::control::announce(&live.status());
+        crate::peers::announce(&live.status());
     }
     live.state == "running"
 }
