@@ -2,6 +2,7 @@
 //! turned into a typed [`Definition`]. Every error names the file and, where it can, the line,
 //! section and key.
 
+pub mod cdi_name;
 mod error;
 mod load;
 mod model;

@@ -138,16 +138,9 @@ fn is_nvidia_uuid(s: &str) -> bool {
     body.is_some_and(|b| b.len() >= 8 && b.chars().all(|c| c.is_ascii_hexdigit() || c == '-' || c == '/'))
 }
 
-/// CDI's names (CDI spec, "Fully qualified device name"): vendor is a domain-like name,
-/// class alphanumerics with `-`/`_`, device name alphanumerics with `_.:-`.
+/// `cdi:VENDOR/CLASS=NAME`, by CDI's one grammar (cdi_name.rs).
 fn parse_cdi(arg: &str) -> Option<Selector> {
-    let (kind, name) = arg.split_once('=')?;
-    let (vendor, class) = kind.split_once('/')?;
-    let starts_alnum = |t: &str| t.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    let vendor_ok = starts_alnum(vendor) && vendor.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    let class_ok = starts_alnum(class) && class.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
-    let name_ok = starts_alnum(name) && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
-    (vendor_ok && class_ok && name_ok).then(|| Selector::Cdi { kind: kind.to_owned(), name: name.to_owned() })
+    crate::cdi_name::parse_qualified(arg).ok().map(|(kind, name)| Selector::Cdi { kind, name })
 }
 
 #[cfg(test)]
@@ -196,6 +189,20 @@ mod tests {
         ] {
             let e = s.parse::<Selector>().unwrap_err();
             assert!(e.contains(want), "{s}: {e}");
+        }
+    }
+
+    /// One CDI grammar (issue #13: the selector and the spec reader once disagreed on a vendor
+    /// starting with a digit and on a `.` in a class): what a spec may name, a selector may.
+    #[test]
+    fn cdi_selectors_follow_cdi_s_grammar() {
+        for ok in ["cdi:nvidia.com/gpu=0", "cdi:a.com/b.c=MIG-1:0", "cdi:vendor/class_1=all"] {
+            assert!(ok.parse::<Selector>().is_ok(), "{ok}");
+            assert!(crate::cdi_name::parse_qualified(&ok[4..]).is_ok(), "{ok}");
+        }
+        for bad in ["cdi:1vendor.com/gpu=0", "cdi:vendor-/gpu=0", "cdi:nvidia.com/gpu=-0", "cdi:nvidia.com=0"] {
+            assert!(bad.parse::<Selector>().is_err(), "{bad}");
+            assert!(crate::cdi_name::parse_qualified(&bad[4..]).is_err(), "{bad}");
         }
     }
 }

@@ -41,6 +41,7 @@
 //! `bundle` from that state and then `BUNDLE/config.json`'s `root.path` to find the container's
 //! root filesystem, so the bundle must hold such a `config.json`.
 
+pub use gpubox_definition::cdi_name::{validate_device_name, validate_kind};
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
@@ -556,47 +557,6 @@ fn split_env(e: &str) -> Result<(String, String), String> {
 
 fn nonempty(t: Option<Text>) -> Option<String> {
     t.map(|t| t.0).filter(|s| !s.is_empty())
-}
-
-/// Checks `vendor/class` syntax.
-pub fn validate_kind(kind: &str) -> Result<(), String> {
-    let Some((vendor, class)) = kind.split_once('/') else {
-        return Err("a kind is vendor/class, e.g. nvidia.com/gpu".into());
-    };
-    validate_segment(vendor).map_err(|e| format!("vendor {vendor:?} {e}"))?;
-    validate_segment(class).map_err(|e| format!("class {class:?} {e}"))
-}
-
-fn validate_segment(s: &str) -> Result<(), String> {
-    let b = s.as_bytes();
-    if b.is_empty() {
-        return Err("is empty".into());
-    }
-    if !b[0].is_ascii_alphabetic() {
-        return Err("must start with a letter".into());
-    }
-    if !b[b.len() - 1].is_ascii_alphanumeric() {
-        return Err("must end with a letter or digit".into());
-    }
-    match s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))) {
-        Some(c) => Err(format!("holds {c:?}; only letters, digits, '_', '-' and '.' are allowed")),
-        None => Ok(()),
-    }
-}
-
-/// Checks a CDI device name.
-pub fn validate_device_name(name: &str) -> Result<(), String> {
-    let b = name.as_bytes();
-    if b.is_empty() {
-        return Err("the device name is empty".into());
-    }
-    if !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
-        return Err("a device name must start and end with a letter or digit".into());
-    }
-    match name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))) {
-        Some(c) => Err(format!("a device name holds only letters, digits, '_', '-', '.' and ':', not {c:?}")),
-        None => Ok(()),
-    }
 }
 
 /// Runs `hook` as an OCI runtime does, with `state_json` on its stdin. Fails on a spawn error,
