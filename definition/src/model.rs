@@ -237,24 +237,54 @@ pub(crate) fn build_all(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> (De
     (d, errors)
 }
 
+/// How many values a key takes: one (a repeat in the same file is an error; a later drop-in
+/// replaces it) or a list (each assignment adds; an empty one resets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takes {
+    One,
+    List,
+}
+
+/// gpubox's own keys, one line each, as systemd's nspawn-gperf.gperf lists nspawn's: what
+/// `apply` understands, which keys take one value, and the "known keys" of an error all come
+/// from here (a test checks that `apply` handles exactly these).
+const KEYS: &[(&str, &str, Takes)] = &[
+    ("Container", "RootDirectory", Takes::One),
+    ("Container", "Exec", Takes::One),
+    ("Container", "WorkingDirectory", Takes::One),
+    ("Container", "Environment", Takes::List),
+    ("Container", "User", Takes::One),
+    ("Container", "Hostname", Takes::One),
+    ("Container", "UserNamespace", Takes::One),
+    ("Container", "Network", Takes::One),
+    ("Container", "ReadOnly", Takes::One),
+    ("Container", "Bind", Takes::List),
+    ("Container", "BindReadOnly", Takes::List),
+    ("Container", "AddCapability", Takes::List),
+    ("Container", "DropCapability", Takes::List),
+    ("Container", "Seccomp", Takes::One),
+    ("Container", "NoNewPrivileges", Takes::One),
+    ("Container", "Init", Takes::One),
+    ("GPU", "Device", Takes::List),
+    ("GPU", "Optional", Takes::One),
+    ("GPU", "Hotplug", Takes::One),
+    ("GPU", "DriverLibraries", Takes::One),
+    ("GPU", "Count", Takes::One),
+    ("GPU", "Exclusive", Takes::One),
+    ("GPU", "AllocationTimeout", Takes::One),
+    ("GPU", "NUMA", Takes::One),
+    ("Install", "WantedBy", Takes::List),
+    ("Install", "RequiredBy", Takes::List),
+    ("Install", "UpheldBy", Takes::List),
+];
+
 fn is_single_valued(section: &str, key: &str) -> bool {
-    matches!(
-        (section, key),
-        (
-            "Container",
-            "RootDirectory"
-                | "Exec"
-                | "WorkingDirectory"
-                | "User"
-                | "Hostname"
-                | "UserNamespace"
-                | "Network"
-                | "ReadOnly"
-                | "Seccomp"
-                | "NoNewPrivileges"
-                | "Init"
-        ) | ("GPU", "Optional" | "Hotplug" | "DriverLibraries" | "Count" | "Exclusive" | "AllocationTimeout" | "NUMA")
-    )
+    KEYS.iter().any(|&(s, k, takes)| (s, k) == (section, key) && takes == Takes::One)
+}
+
+/// The keys of a section of gpubox's own, in the order the manual lists them.
+fn known_keys(section: &str) -> Vec<&'static str> {
+    KEYS.iter().filter(|(s, _, _)| *s == section).map(|(_, k, _)| *k).collect()
 }
 
 /// One assignment being applied, with what its errors need to say.
@@ -480,10 +510,10 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
         }
         ("Container" | "GPU" | "Install", key) => {
             let known = known_keys(&a.section);
-            let hint = crate::suggest::did_you_mean(key, known.split(", "))
+            let hint = crate::suggest::did_you_mean(key, known.iter().copied())
                 .map(|s| format!("did you mean {s}=? "))
                 .unwrap_or_default();
-            return Err(k.error(format!("unknown key in [{}] ({hint}known: {known})", a.section)));
+            return Err(k.error(format!("unknown key in [{}] ({hint}known: {})", a.section, known.join(", "))));
         }
         (section, _) => {
             return Err(Error::Syntax {
@@ -496,14 +526,6 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-fn known_keys(section: &str) -> &'static str {
-    match section {
-        "Container" => "RootDirectory, Exec, WorkingDirectory, Environment, User, Hostname, UserNamespace, Network, ReadOnly, Bind, BindReadOnly, AddCapability, DropCapability, Seccomp, NoNewPrivileges, Init",
-        "GPU" => "Device, Optional, Hotplug, DriverLibraries, Count, Exclusive, AllocationTimeout, NUMA",
-        _ => "WantedBy, RequiredBy, UpheldBy",
-    }
 }
 
 fn parse_user(k: &Key) -> Result<User, Error> {
@@ -664,4 +686,33 @@ fn is_unit_name(name: &str) -> bool {
     ];
     SUFFIXES.iter().any(|s| name.len() > s.len() && name.ends_with(s))
         && name.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        let path = Path::new("/etc/gpubox/t.gpubox");
+        let (assignments, errors) = crate::syntax::parse_all(path, text);
+        assert!(errors.is_empty(), "{errors:?}");
+        build_all("t", &[(path.to_owned(), assignments)]).1.iter().map(|e| e.to_string()).collect()
+    }
+
+    /// Every key of the table is one `apply` knows (an empty value resets it, never "unknown
+    /// key"), and a key that takes one value is refused twice in a file.
+    #[test]
+    fn the_key_table_is_what_apply_knows() {
+        for &(section, key, takes) in KEYS {
+            let errors = errors_of(&format!("[Container]\nExec=/bin/true\n[{section}]\n{key}=\n{key}=\n"));
+            assert!(!errors.iter().any(|e| e.contains("unknown key")), "[{section}] {key}: {errors:?}");
+            let repeated = errors.iter().any(|e| e.contains("set more than once"));
+            assert_eq!(repeated, takes == Takes::One, "[{section}] {key}: {errors:?}");
+        }
+        let errors = errors_of("[Container]\nExec=/bin/true\nFrobnicate=1\n");
+        assert!(
+            errors[0].contains("unknown key in [Container]") && errors[0].contains("RootDirectory, Exec,"),
+            "{errors:?}"
+        );
+    }
 }
