@@ -471,9 +471,130 @@ impl Signals {
     }
 }
 
+/// units/gpu@.service's `[Service]` settings, read from the template itself (built in), so that
+/// a one-off container's transient unit is set up as every `gpu@NAME.service` is, and cannot
+/// drift from it: a setting this does not know how to pass on fails its test.
+mod template {
+    use zbus::zvariant::Value;
+
+    const UNIT: &str = include_str!("../../units/gpu@.service");
+
+    /// The settings, for the unit of container `name` (`%i`).
+    #[derive(Debug, Default)]
+    pub struct Service {
+        /// (D-Bus property, value), each as systemd's transient units take it.
+        settings: Vec<(&'static str, Setting)>,
+        pub environment: Vec<String>,
+        /// Keys this does not pass on (none, as the test checks), and ExecStart.
+        pub unknown: Vec<String>,
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Setting {
+        Text(String),
+        Flag(bool),
+        Micros(u64),
+        Mode(u32),
+        List(Vec<String>),
+    }
+
+    pub fn service(name: &str) -> Service {
+        let mut service = Service::default();
+        let mut in_service = false;
+        for line in UNIT.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            if line.starts_with('[') {
+                in_service = line == "[Service]";
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=').filter(|_| in_service) else { continue };
+            let value = value.replace("%i", name);
+            let setting = match key {
+                "Type" | "NotifyAccess" | "DevicePolicy" | "KillMode" | "Slice" => Setting::Text(value),
+                "Delegate" => Setting::Flag(value == "yes"),
+                "TimeoutStartSec" | "TimeoutStopSec" => match gpubox_definition::timespan::parse(&value) {
+                    Ok(Some(t)) => Setting::Micros(t.as_micros() as u64),
+                    _ => Setting::Micros(u64::MAX),
+                },
+                "RuntimeDirectoryMode" => match u32::from_str_radix(&value, 8) {
+                    Ok(mode) => Setting::Mode(mode),
+                    Err(_) => {
+                        service.unknown.push(line.to_owned());
+                        continue;
+                    }
+                },
+                "RuntimeDirectory" => Setting::List(vec![value]),
+                "Environment" => {
+                    service.environment.push(value);
+                    continue;
+                }
+                _ => {
+                    service.unknown.push(key.to_owned());
+                    continue;
+                }
+            };
+            let property = match key {
+                "TimeoutStartSec" => "TimeoutStartUSec",
+                "TimeoutStopSec" => "TimeoutStopUSec",
+                "Type" => "Type",
+                "NotifyAccess" => "NotifyAccess",
+                "DevicePolicy" => "DevicePolicy",
+                "KillMode" => "KillMode",
+                "Slice" => "Slice",
+                "Delegate" => "Delegate",
+                "RuntimeDirectoryMode" => "RuntimeDirectoryMode",
+                _ => "RuntimeDirectory",
+            };
+            service.settings.push((property, setting));
+        }
+        service
+    }
+
+    impl Service {
+        pub fn properties(&self) -> Vec<(&'static str, Value<'static>)> {
+            self.settings
+                .iter()
+                .map(|(property, setting)| {
+                    let value: Value = match setting.clone() {
+                        Setting::Text(t) => t.into(),
+                        Setting::Flag(f) => f.into(),
+                        Setting::Micros(us) => us.into(),
+                        Setting::Mode(m) => m.into(),
+                        Setting::List(l) => l.into(),
+                    };
+                    (*property, value)
+                })
+                .collect()
+        }
+
+        #[cfg(test)]
+        pub fn get(&self, property: &str) -> Option<&Setting> {
+            self.settings.iter().find(|(p, _)| *p == property).map(|(_, s)| s)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Every setting of the template reaches the transient unit (ExecStart is ours).
+        #[test]
+        fn the_transient_unit_has_every_setting_of_the_template() {
+            let s = service("job");
+            assert_eq!(s.unknown, ["ExecStart"], "settings of units/gpu@.service that gpuboxctl run does not pass on");
+            assert_eq!(s.get("Type"), Some(&Setting::Text("notify".into())));
+            assert_eq!(s.get("Delegate"), Some(&Setting::Flag(true)));
+            assert_eq!(s.get("DevicePolicy"), Some(&Setting::Text("closed".into())));
+            assert_eq!(s.get("RuntimeDirectory"), Some(&Setting::List(vec!["gpubox/job".into()])));
+            assert_eq!(s.get("RuntimeDirectoryMode"), Some(&Setting::Mode(0o711)));
+            assert_eq!(s.get("TimeoutStartUSec"), Some(&Setting::Micros(90_000_000)));
+            assert_eq!(s.environment, ["GPUBOX_STOP_TIMEOUT=25"]);
+        }
+    }
+}
+
 /// The transient unit, started and watched through systemd's D-Bus API.
 mod systemd {
-    use super::{Signals, CANNOT_START};
+    use super::{template, Signals, CANNOT_START};
     use anyhow::{Context, Result};
     use std::io::IsTerminal;
     use std::os::fd::AsFd;
@@ -505,32 +626,26 @@ mod systemd {
             false,
         )];
         // What units/gpu@.service says, plus what `systemd-run --wait --pipe` adds.
-        let mut environment = vec!["GPUBOX_STOP_TIMEOUT=25".to_owned()];
+        let template = template::service(name);
+        let mut environment = template.environment.clone();
         // The supervisor's own settings (test stand-ins, search paths) follow us, as they
         // would to a foreground supervisor.
         environment.extend(std::env::vars().filter(|(k, _)| k.starts_with("GPUBOX_")).map(|(k, v)| format!("{k}={v}")));
         let description = format!("gpubox one-off container: {}", command.join(" "));
-        let properties: Vec<(&str, Value)> = vec![
+        let mut properties: Vec<(&str, Value)> = vec![
             ("Description", description.chars().take(200).collect::<String>().into()),
             ("ExecStart", exec_start.into()),
-            ("Type", "notify".into()),
-            ("NotifyAccess", "main".into()),
-            ("Delegate", true.into()),
-            ("DevicePolicy", "closed".into()),
-            ("KillMode", "mixed".into()),
-            ("Slice", "machine.slice".into()),
             ("Environment", environment.into()),
-            ("TimeoutStartUSec", 90_000_000u64.into()),
-            ("TimeoutStopUSec", 30_000_000u64.into()),
-            ("RuntimeDirectory", vec![format!("gpubox/{name}")].into()),
-            ("RuntimeDirectoryMode", 0o711u32.into()),
+        ];
+        properties.extend(template.properties());
+        properties.extend([
             ("StandardInputFileDescriptor", Fd::from(stdin.as_fd()).into()),
             ("StandardOutputFileDescriptor", Fd::from(stdout.as_fd()).into()),
             ("StandardErrorFileDescriptor", Fd::from(stderr.as_fd()).into()),
             // The unit stays loaded, for its exit status, until this connection closes.
             ("AddRef", true.into()),
             ("CollectMode", "inactive-or-failed".into()),
-        ];
+        ]);
         let aux: Vec<(&str, Vec<(&str, Value)>)> = Vec::new();
         let _job: OwnedObjectPath = manager
             .call("StartTransientUnit", &(&unit, "fail", properties, aux))
