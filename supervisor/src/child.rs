@@ -4,6 +4,7 @@
 
 use crate::accounts::Account;
 use crate::capabilities;
+use crate::messages::ChildReport;
 use crate::rootfs::{self, Layout};
 use crate::sys;
 use anyhow::{anyhow, bail, Context, Result};
@@ -50,9 +51,6 @@ pub struct Plan {
     pub hooks_barrier: bool,
 }
 
-/// What the child says on the error pipe when it reaches the hooks barrier.
-pub const CREATED: &[u8] = b"created\n";
-
 /// Exit codes for failures before the payload runs, as Podman uses them.
 pub const SETUP_FAILED: i32 = 125;
 pub const NOT_EXECUTABLE: i32 = 126;
@@ -72,7 +70,7 @@ pub fn run(plan: &Plan, go: OwnedFd, errors: OwnedFd) -> ! {
     let mut errors = Some(File::from(errors));
     let Err(Failure(code, e)) = setup_and_exec(plan, go, &mut errors);
     if let Some(mut errors) = errors {
-        let _ = write!(errors, "{code}\n{e:#}");
+        let _ = errors.write_all(&ChildReport::Failed { code, message: format!("{e:#}") }.encode());
     }
     // SAFETY: _exit is always safe; it skips atexit handlers that belong to the parent.
     unsafe { libc::_exit(code) }
@@ -140,7 +138,7 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
     // OCI's "created" state: the file system is in place, nothing of the payload runs yet.
     // CDI hooks (createRuntime, createContainer) run now, in the supervisor.
     if plan.hooks_barrier {
-        errors.as_mut().expect("the error pipe is open").write_all(CREATED)?;
+        errors.as_mut().expect("the error pipe is open").write_all(&ChildReport::Created.encode())?;
         if go.read(&mut byte)? != 1 {
             return Err(anyhow!("the supervisor went away during setup").into());
         }

@@ -15,6 +15,7 @@ mod idmap;
 mod in_root;
 mod live;
 mod log;
+mod messages;
 mod mount_helper;
 mod node_modes;
 mod numa;

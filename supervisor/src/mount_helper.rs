@@ -14,12 +14,12 @@
 //! CDI mounts go the same way: a detached copy of the host path (`open_tree` with
 //! `AT_RECURSIVE`, made read-only with `mount_setattr` when asked), moved onto its path inside.
 //!
-//! Requests are lines on its stdin, answers lines on its stdout: `attach MAJOR MINOR MODE UID
-//! GID PATH`, `detach PATH`, `bind RO LENGTH HOSTPATH PATH` (RO 0 or 1, LENGTH the bytes of
-//! HOSTPATH) or `unbind PATH`, answered `ok` or `error MESSAGE`.
+//! Requests come on its stdin and answers go on its stdout, one JSON line each
+//! ([`HelperRequest`], [`HelperAnswer`] in messages.rs); the first answer says it is ready.
 
 use crate::devices::Access;
 use crate::in_root::{self, Kind};
+use crate::messages::{decode_line, encode_line, HelperAnswer, HelperRequest};
 use crate::sys;
 use anyhow::{bail, Context, Result};
 use gpubox_devices::Node;
@@ -78,29 +78,26 @@ impl MountHelper {
 
     /// Mounts a node with `access` at the node's own path inside.
     pub fn attach(&mut self, node: &Node, access: Access) -> Result<()> {
-        let Access { uid, gid, mode } = access;
-        let path = line_safe(&node.path)?;
-        self.call(&format!("attach {} {} {mode:o} {uid} {gid} {path}", node.major, node.minor))
+        self.call(&HelperRequest::attach(node.major, node.minor, access, node.path.clone()))
     }
 
     /// Unmounts what is at `path` inside and removes the mount point.
     pub fn detach(&mut self, path: &Path) -> Result<()> {
-        self.call(&format!("detach {}", line_safe(path)?))
+        self.call(&HelperRequest::Detach { path: path.to_owned() })
     }
 
     /// Binds the host's `source` at `target` inside (recursively; read-only if asked).
     pub fn bind(&mut self, source: &Path, target: &Path, read_only: bool) -> Result<()> {
-        let source = line_safe(source)?;
-        self.call(&format!("bind {} {} {source} {}", u8::from(read_only), source.len(), line_safe(target)?))
+        self.call(&HelperRequest::Bind { source: source.to_owned(), target: target.to_owned(), read_only })
     }
 
     /// Unmounts a bind; its mount point goes only if the helper made it.
     pub fn unbind(&mut self, target: &Path) -> Result<()> {
-        self.call(&format!("unbind {}", line_safe(target)?))
+        self.call(&HelperRequest::Unbind { target: target.to_owned() })
     }
 
-    fn call(&mut self, request: &str) -> Result<()> {
-        writeln!(self.requests, "{request}").context("the mount helper is gone")?;
+    fn call(&mut self, request: &HelperRequest) -> Result<()> {
+        self.requests.write_all(encode_line(request)?.as_bytes()).context("the mount helper is gone")?;
         self.answer()
     }
 
@@ -125,9 +122,9 @@ impl MountHelper {
         if self.answers.read_line(&mut line).context("reading the mount helper's answer")? == 0 {
             bail!("the mount helper ended");
         }
-        match line.trim_end().strip_prefix("error ") {
-            Some(message) => bail!("{message}"),
-            None => Ok(()),
+        match decode_line(&line)? {
+            HelperAnswer::Ok => Ok(()),
+            HelperAnswer::Error { message } => bail!("{message}"),
         }
     }
 
@@ -141,13 +138,6 @@ impl Drop for MountHelper {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn line_safe(path: &Path) -> Result<&str> {
-    match path.to_str() {
-        Some(p) if !p.contains('\n') => Ok(p),
-        _ => bail!("path {} cannot be passed to the mount helper (not UTF-8, or a newline in it)", path.display()),
     }
 }
 
@@ -171,17 +161,17 @@ pub fn serve(owner: u32, dir: &Path) -> Result<()> {
     let own = File::open("/proc/self/ns/mnt")?;
     let mut helper = Helper { container, own, owner, staging: dir.to_owned(), made: Vec::new() };
     let mut out = std::io::stdout().lock();
-    writeln!(out, "ok")?;
+    out.write_all(encode_line(&HelperAnswer::Ok)?.as_bytes())?;
     out.flush()?;
     for request in std::io::stdin().lock().lines() {
-        let result = helper.handle(&request?);
+        let result = decode_line(&request?).and_then(|request| helper.handle(request));
         // Between requests the helper is always back in its own namespace.
         setns(&helper.own, CloneFlags::CLONE_NEWNS)?;
         let answer = match result {
-            Ok(()) => "ok".to_owned(),
-            Err(e) => format!("error {}", format!("{e:#}").replace('\n', " ")),
+            Ok(()) => HelperAnswer::Ok,
+            Err(e) => HelperAnswer::Error { message: format!("{e:#}") },
         };
-        writeln!(out, "{answer}")?;
+        out.write_all(encode_line(&answer)?.as_bytes())?;
         out.flush()?;
     }
     Ok(())
@@ -198,25 +188,14 @@ struct Helper {
 }
 
 impl Helper {
-    fn handle(&mut self, request: &str) -> Result<()> {
-        let words: Vec<&str> = request.splitn(7, ' ').collect();
-        match words[..] {
-            ["attach", major, minor, mode, uid, gid, path] => {
-                let access = Access { uid: uid.parse()?, gid: gid.parse()?, mode: u32::from_str_radix(mode, 8)? };
-                self.attach(major.parse()?, minor.parse()?, access, Path::new(path))
+    fn handle(&mut self, request: HelperRequest) -> Result<()> {
+        match request {
+            HelperRequest::Attach { major, minor, uid, gid, mode, path } => {
+                self.attach(major, minor, Access { uid, gid, mode }, &path)
             }
-            ["detach", ..] => self.detach(Path::new(request.trim_start_matches("detach "))),
-            ["bind", read_only, length, ..] => {
-                let rest = request.splitn(4, ' ').nth(3).unwrap_or_default();
-                let length: usize = length.parse()?;
-                let (source, target) = match (rest.get(..length), rest.get(length..)) {
-                    (Some(s), Some(t)) if t.starts_with(' ') => (s, &t[1..]),
-                    _ => bail!("malformed request {request:?}"),
-                };
-                self.bind(Path::new(source), Path::new(target), read_only == "1")
-            }
-            ["unbind", ..] => self.unbind(Path::new(request.trim_start_matches("unbind "))),
-            _ => bail!("unknown request {request:?}"),
+            HelperRequest::Detach { path } => self.detach(&path),
+            HelperRequest::Bind { source, target, read_only } => self.bind(&source, &target, read_only),
+            HelperRequest::Unbind { target } => self.unbind(&target),
         }
     }
 

@@ -7,6 +7,7 @@ use crate::cgroup::Cgroup;
 use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
 use crate::live::Live;
+use crate::messages::ChildReport;
 use crate::node_modes::FollowedNode;
 use crate::start_devices::StartDevices;
 use crate::terminal::Terminal;
@@ -19,7 +20,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -286,35 +287,34 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     let socket = SocketFile(gpubox_control::socket_path(&d.name));
     let listener = control::bind(&d.name).map_err(|e| log::warn(&format!("no control socket: {e:#}"))).ok();
 
-    // The error pipe closes on exec (success) or carries "CODE\nMESSAGE" (failure); with hooks,
-    // "created" comes first, when the file system is ready for them.
-    let mut errors = File::from(err_read);
-    let mut report = String::new();
-    let mut hooks_failed = None;
-    if plan.hooks_barrier {
-        let mut created = vec![0u8; child::CREATED.len()];
-        match errors.read_exact(&mut created) {
-            Ok(()) if created == child::CREATED => {
-                hooks_failed = hooks.run(&["createRuntime", "prestart", "createContainer"], pid).err();
-                if hooks_failed.is_none() {
-                    let _ = go.write_all(b"1");
-                }
+    // The error pipe closes on exec (success) or carries the child's failure; with hooks,
+    // `created` comes first, when the file system is ready for them.
+    let mut errors = std::io::BufReader::new(File::from(err_read));
+    let mut report = ChildReport::read(&mut errors);
+    if let Ok(Some(ChildReport::Created)) = report {
+        report = match hooks.run(&["createRuntime", "prestart", "createContainer"], pid) {
+            Ok(()) => {
+                let _ = go.write_all(b"1");
+                ChildReport::read(&mut errors)
             }
-            _ => report = String::from_utf8_lossy(&created).trim_end_matches('\0').to_owned(),
-        }
+            Err(e) => {
+                let _ = signal::kill(child, Signal::SIGKILL);
+                Ok(Some(ChildReport::Failed { code: child::SETUP_FAILED, message: format!("{e:#}") }))
+            }
+        };
     }
-    if let Some(e) = hooks_failed {
-        let _ = signal::kill(child, Signal::SIGKILL);
-        report = format!("{}\n{e:#}", child::SETUP_FAILED);
-    } else {
-        errors.read_to_string(&mut report)?;
-    }
-    if let Some((code, message)) = report.split_once('\n') {
-        log::error(message);
+    let failure = match report {
+        Ok(None) => None,
+        Ok(Some(ChildReport::Failed { code, message })) => Some((code, message)),
+        Ok(Some(ChildReport::Created)) => Some((child::SETUP_FAILED, "the child said it was created twice".into())),
+        Err(e) => Some((child::SETUP_FAILED, format!("{e:#}"))),
+    };
+    if let Some((code, message)) = failure {
+        log::error(&message);
         let _ = waitpid(child, None);
         revoke(&unit);
         cleanup(cgroup);
-        return Ok(code.parse().unwrap_or(child::SETUP_FAILED));
+        return Ok(code);
     }
     log::info(&format!("started {} (pid {pid})", summary(&d.container.exec)));
     // A thread of its own, now that the supervisor may have threads (the staging above needed
