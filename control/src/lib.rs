@@ -24,12 +24,92 @@ pub fn socket_path(name: &str) -> PathBuf {
     PathBuf::from(RUN_DIR).join(name).join("control")
 }
 
+/// Where a running container is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Running,
+    /// It was asked to stop: changes are refused from now on.
+    Stopping,
+}
+
+/// How a container came by a device.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Origin {
+    /// Selected by `[GPU] Device=` at the start.
+    #[default]
+    #[serde(rename = "start")]
+    Start,
+    /// Allocated by `[GPU] Count=`, the container's alone (`Exclusive=yes`) or shared.
+    #[serde(rename = "allocated")]
+    Allocated,
+    #[serde(rename = "allocated, shared")]
+    AllocatedShared,
+    /// `gpuboxctl attach`.
+    #[serde(rename = "hand")]
+    Hand,
+    /// A device that came while it ran (`Hotplug=yes`).
+    #[serde(rename = "hotplug")]
+    Hotplug,
+}
+
+/// A device event, as udev names its actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HotplugAction {
+    Add,
+    Remove,
+    Change,
+    Bind,
+    Unbind,
+}
+
+impl HotplugAction {
+    pub const ALL: [HotplugAction; 5] =
+        [HotplugAction::Add, HotplugAction::Remove, HotplugAction::Change, HotplugAction::Bind, HotplugAction::Unbind];
+
+    /// Whether a device may have come (everything but a removal or an unbind).
+    pub fn may_add(self) -> bool {
+        !matches!(self, HotplugAction::Remove | HotplugAction::Unbind)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HotplugAction::Add => "add",
+            HotplugAction::Remove => "remove",
+            HotplugAction::Change => "change",
+            HotplugAction::Bind => "bind",
+            HotplugAction::Unbind => "unbind",
+        }
+    }
+}
+
+impl std::str::FromStr for HotplugAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        HotplugAction::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown device action '{s}' (add, remove, change, bind or unbind)"))
+    }
+}
+
+macro_rules! display_as_json_string {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let json = serde_json::to_string(self).map_err(|_| std::fmt::Error)?;
+                f.write_str(json.trim_matches('"'))
+            }
+        }
+    )*};
+}
+display_as_json_string!(State, Origin);
+
 /// A running container, as its supervisor reports it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub name: String,
-    /// `running` or `stopping`.
-    pub state: String,
+    pub state: State,
     /// The payload's (or the init's) pid in the host's pid namespace.
     pub pid: i32,
     pub hotplug: bool,
@@ -45,8 +125,7 @@ pub struct Device {
     /// How it is named: the selector form that found it (`drm:card0`, `cdi:…`).
     pub name: String,
     pub nodes: Vec<PathBuf>,
-    /// `start`, `hand` (gpuboxctl attach) or `hotplug`.
-    pub how: String,
+    pub how: Origin,
     /// Paths inside where the device's CDI mounts are bound.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<PathBuf>,
@@ -189,4 +268,33 @@ pub fn running() -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+#[cfg(test)]
+mod wire {
+    use super::*;
+
+    /// The enums are the same words on the wire as the strings they replaced, so scripts that
+    /// read `--json` see no change; and they read back.
+    #[test]
+    fn states_origins_and_actions_keep_their_words() {
+        for (origin, word) in [
+            (Origin::Start, "start"),
+            (Origin::Allocated, "allocated"),
+            (Origin::AllocatedShared, "allocated, shared"),
+            (Origin::Hand, "hand"),
+            (Origin::Hotplug, "hotplug"),
+        ] {
+            assert_eq!(serde_json::to_string(&origin).unwrap(), format!("\"{word}\""));
+            assert_eq!(origin.to_string(), word);
+            assert_eq!(serde_json::from_str::<Origin>(&format!("\"{word}\"")).unwrap(), origin);
+        }
+        assert_eq!(State::Stopping.to_string(), "stopping");
+        assert_eq!(serde_json::from_str::<State>("\"running\"").unwrap(), State::Running);
+        for action in HotplugAction::ALL {
+            assert_eq!(action.as_str().parse::<HotplugAction>().unwrap(), action);
+        }
+        assert!("frob".parse::<HotplugAction>().is_err());
+        assert!(HotplugAction::Change.may_add() && !HotplugAction::Unbind.may_add());
+    }
 }

@@ -280,7 +280,7 @@ fn list(json: bool) -> Result<ExitCode> {
         table.push(match (status, error) {
             (Some(s), _) => [
                 name.clone(),
-                s.state.clone(),
+                s.state.to_string(),
                 s.pid.to_string(),
                 s.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(" "),
             ],

@@ -7,7 +7,7 @@ use crate::live::{Live, Shared};
 use crate::log;
 use crate::peers::{self, announce};
 use anyhow::{Context, Result};
-use gpubox_control::{socket_path, PATH};
+use gpubox_control::{socket_path, HotplugAction, PATH};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 
@@ -65,7 +65,7 @@ impl Container {
     }
 
     async fn attach(&self, selector: String) -> zbus::fdo::Result<String> {
-        let status = self.change(move |live| live.attach(&selector, "hand")).await?;
+        let status = self.change(move |live| live.attach(&selector, gpubox_control::Origin::Hand)).await?;
         // A device attached by hand is detached when it leaves the host.
         crate::watch::follow(&self.live);
         Ok(status)
@@ -79,9 +79,10 @@ impl Container {
     /// Like udev's own events, anything but a removal also brings host node modes over.
     async fn hotplug(&self, action: String, devnode: String) -> zbus::fdo::Result<String> {
         let _ = devnode;
+        let action: HotplugAction = action.parse().map_err(|e: String| zbus::fdo::Error::InvalidArgs(e))?;
         self.change(move |live| {
-            live.hotplug(&action)?;
-            if !matches!(action.as_str(), "remove" | "unbind") {
+            live.hotplug(action)?;
+            if action.may_add() {
                 live.follow_host_modes();
             }
             Ok(())

@@ -10,7 +10,7 @@ use crate::mount_helper::MountHelper;
 use crate::node_modes::FollowedNode;
 use crate::{log, systemd};
 use anyhow::{bail, Result};
-use gpubox_control::{Device, Status};
+use gpubox_control::{Device, HotplugAction, Origin, State, Status};
 use gpubox_definition::Selector;
 use gpubox_devices::cdi::Mount;
 use gpubox_devices::{select, Inventory, Node, Selection};
@@ -26,7 +26,7 @@ pub struct Live {
     /// The container's mount namespace, opened while the payload was surely the supervisor's
     /// child (a pid can be reused once it is reaped); the mount helper enters it.
     pub mount_ns: Option<std::os::fd::OwnedFd>,
-    pub state: &'static str,
+    pub state: State,
     pub hotplug: bool,
     /// The definition's selectors, which hotplug events are matched against.
     pub selectors: Vec<Selector>,
@@ -86,7 +86,7 @@ impl Live {
     }
 
     /// Attaches what `selector` names now; attaching it again changes nothing.
-    pub fn attach(&mut self, selector: &str, how: &str) -> Result<()> {
+    pub fn attach(&mut self, selector: &str, how: Origin) -> Result<()> {
         self.check_running()?;
         let selector: Selector = selector.parse().map_err(anyhow::Error::msg)?;
         let name = selector.to_string();
@@ -143,58 +143,53 @@ impl Live {
     /// A udev event. Add (with `Hotplug=yes` only): attach what the definition's selectors
     /// match now and is not attached yet. Remove (always, so that no container keeps the
     /// permission for a device that is gone): detach every node its selector no longer finds.
-    pub fn hotplug(&mut self, action: &str) -> Result<()> {
-        let adds = matches!(action, "add" | "change" | "bind");
-        if self.state != "running" || (adds && !self.hotplug) {
+    pub fn hotplug(&mut self, action: HotplugAction) -> Result<()> {
+        if self.state != State::Running || (action.may_add() && !self.hotplug) {
             return Ok(());
         }
         let inventory = Inventory::discover();
-        match action {
-            "add" | "change" | "bind" => {
-                for selector in self.selectors.clone() {
-                    let selection =
-                        select(&inventory, std::slice::from_ref(&selector), true).map_err(anyhow::Error::msg)?;
-                    let missing: Vec<Node> = selection
-                        .nodes
-                        .iter()
-                        .filter(|n| !self.nodes.iter().any(|m| m.path == n.path))
-                        .cloned()
-                        .collect();
-                    if !missing.is_empty() {
-                        let holds = crate::start_devices::hold_more(
-                            &self.name,
-                            &inventory,
-                            &selector,
-                            self.exclusive,
-                            &self.held,
-                        )?;
-                        self.attach_device(&selector.to_string(), &selection, &missing, "hotplug")?;
-                        self.held.extend(holds);
-                    }
-                }
-                Ok(())
-            }
-            "remove" | "unbind" => {
-                let mut still: Vec<Node> = Vec::new();
-                for device in &self.devices {
-                    if let Ok(selector) = device.name.parse::<Selector>() {
-                        still.extend(select(&inventory, &[selector], true).map(|s| s.nodes).unwrap_or_default());
-                    }
-                }
-                let gone: Vec<Node> = self.nodes.iter().filter(|n| !still.contains(n)).cloned().collect();
-                let detached = self.detach_nodes(&gone);
-                if !gone.is_empty() {
-                    self.release_unused(&inventory);
-                }
-                detached
-            }
-            other => bail!("unknown hotplug action '{other}' (add or remove)"),
+        if action.may_add() {
+            self.hotplug_add(&inventory)
+        } else {
+            self.hotplug_remove(&inventory)
         }
+    }
+
+    /// Attaches what the selectors match now and is not attached yet.
+    fn hotplug_add(&mut self, inventory: &Inventory) -> Result<()> {
+        for selector in self.selectors.clone() {
+            let selection = select(inventory, std::slice::from_ref(&selector), true).map_err(anyhow::Error::msg)?;
+            let missing: Vec<Node> =
+                selection.nodes.iter().filter(|n| !self.nodes.iter().any(|m| m.path == n.path)).cloned().collect();
+            if !missing.is_empty() {
+                let holds =
+                    crate::start_devices::hold_more(&self.name, inventory, &selector, self.exclusive, &self.held)?;
+                self.attach_device(&selector.to_string(), &selection, &missing, Origin::Hotplug)?;
+                self.held.extend(holds);
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches every node its selector no longer finds.
+    fn hotplug_remove(&mut self, inventory: &Inventory) -> Result<()> {
+        let mut still: Vec<Node> = Vec::new();
+        for device in &self.devices {
+            if let Ok(selector) = device.name.parse::<Selector>() {
+                still.extend(select(inventory, &[selector], true).map(|s| s.nodes).unwrap_or_default());
+            }
+        }
+        let gone: Vec<Node> = self.nodes.iter().filter(|n| !still.contains(n)).cloned().collect();
+        let detached = self.detach_nodes(&gone);
+        if !gone.is_empty() {
+            self.release_unused(inventory);
+        }
+        detached
     }
 
     /// Starts the mount helper ahead of the first change, which then need not wait for it.
     pub fn prepare(&mut self) -> Result<()> {
-        if self.state != "running" {
+        if self.state != State::Running {
             return Ok(());
         }
         self.helper().map(drop)
@@ -206,7 +201,7 @@ impl Live {
     /// program stays exact). A class whose driver is not loaded yet still costs its first GPU
     /// that call.
     pub fn allow_gpu_classes(&mut self) -> Result<()> {
-        let Some(unit) = self.unit.clone().filter(|_| self.hotplug && self.state == "running") else {
+        let Some(unit) = self.unit.clone().filter(|_| self.hotplug && self.state == State::Running) else {
             return Ok(());
         };
         let mut entries = self.allowed_by_systemd.clone();
@@ -227,7 +222,7 @@ impl Live {
     /// root can open it); udev sets its mode a little later, and the container's node follows,
     /// as a non-root user on the host waits for udev too.
     pub fn follow_host_modes(&mut self) {
-        if self.state != "running" {
+        if self.state != State::Running {
             return;
         }
         for followed in &mut self.host_modes {
@@ -246,7 +241,7 @@ impl Live {
     }
 
     fn check_running(&self) -> Result<()> {
-        if self.state != "running" {
+        if self.state != State::Running {
             bail!("container {} is {}", self.name, self.state);
         }
         Ok(())
@@ -255,7 +250,7 @@ impl Live {
     /// Nodes first (permission, then each node), then the CDI mounts the container does not
     /// have yet; any failure undoes everything done, so the container never sees half a GPU.
     /// `nodes` are those of `selection` to attach; its mounts and node access come along.
-    fn attach_device(&mut self, name: &str, selection: &Selection, nodes: &[Node], how: &str) -> Result<()> {
+    fn attach_device(&mut self, name: &str, selection: &Selection, nodes: &[Node], how: Origin) -> Result<()> {
         let mounts = &selection.mounts;
         let new: Vec<Node> = nodes.iter().filter(|n| !self.nodes.contains(n)).cloned().collect();
         let mut new_mounts: Vec<&Mount> = Vec::new();

@@ -4,6 +4,7 @@
 
 use crate::{allocator, log};
 use anyhow::{bail, Result};
+use gpubox_control::Origin;
 use gpubox_definition::{Definition, Selector};
 use gpubox_devices::allocation::{self, Candidate};
 use gpubox_devices::{Inventory, Selection};
@@ -58,7 +59,7 @@ pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDev
             .map(|c| {
                 let one =
                     gpubox_devices::select(&inventory, std::slice::from_ref(&c.selector), true).unwrap_or_default();
-                status_entry(&c.label, &one, if gpu.exclusive() { "allocated" } else { "allocated, shared" })
+                status_entry(&c.label, &one, if gpu.exclusive() { Origin::Allocated } else { Origin::AllocatedShared })
             })
             .collect();
         let hidden = hidden_nvidia_entries(&inventory, &selection);
@@ -75,7 +76,7 @@ pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDev
     for selector in &gpu.devices {
         let one = gpubox_devices::select(&inventory, std::slice::from_ref(selector), true).unwrap_or_default();
         if !one.nodes.is_empty() || !one.mounts.is_empty() {
-            devices.push(status_entry(&selector.to_string(), &one, "start"));
+            devices.push(status_entry(&selector.to_string(), &one, Origin::Start));
         } else if gpu.hotplug {
             crate::log::info(&format!(
                 "[GPU] Device={selector} matches nothing on this host yet; waiting for it (Hotplug=yes)"
@@ -143,11 +144,11 @@ pub fn hold_more(
     allocator::hold_all(name, &new, exclusive).or_else(|e| bail!("{selector}: {e:#}"))
 }
 
-fn status_entry(name: &str, one: &Selection, how: &str) -> gpubox_control::Device {
+fn status_entry(name: &str, one: &Selection, how: Origin) -> gpubox_control::Device {
     gpubox_control::Device {
         name: name.to_owned(),
         nodes: one.nodes.iter().map(|n| n.path.clone()).collect(),
-        how: how.into(),
+        how,
         mounts: one.mounts.iter().map(|m| m.container_path.clone()).collect(),
     }
 }

@@ -331,7 +331,7 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         name: d.name.clone(),
         pid,
         mount_ns,
-        state: "running",
+        state: gpubox_control::State::Running,
         hotplug: d.gpu.hotplug,
         selectors,
         helper: None,
@@ -365,7 +365,7 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     }
     {
         let mut live = live.lock().expect("live state lock");
-        live.state = "stopping";
+        live.state = gpubox_control::State::Stopping;
         live.helper = None;
         live.mount_ns = None;
     }

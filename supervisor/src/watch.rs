@@ -16,6 +16,7 @@
 
 use crate::live::Shared;
 use crate::log;
+use gpubox_control::HotplugAction;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use std::os::fd::AsFd;
 use udev::EventType;
@@ -197,10 +198,10 @@ fn settle(live: &Shared, due: Due, modes: Option<&Inotify>) -> bool {
     if due.configured {
         live.follow_host_modes();
     }
-    for (happened, action) in [(due.removed, "remove"), (due.added, "add")] {
+    for (happened, action) in [(due.removed, HotplugAction::Remove), (due.added, HotplugAction::Add)] {
         if happened {
             if let Err(e) = live.hotplug(action) {
-                log::warn(&format!("hotplug {action}: {e:#}"));
+                log::warn(&format!("hotplug {}: {e:#}", action.as_str()));
             }
         }
     }
@@ -218,7 +219,7 @@ fn settle(live: &Shared, due: Due, modes: Option<&Inotify>) -> bool {
     if live.devices != before {
         crate::peers::announce(&live.status());
     }
-    live.state == "running"
+    live.state == gpubox_control::State::Running
 }
 
 /// `/dev/kmsg`, at its end, not blocking.
