@@ -11,6 +11,7 @@ mod devcgroup;
 mod devices;
 mod driver_mounts;
 mod enter;
+mod hooks;
 mod idmap;
 mod in_root;
 mod live;

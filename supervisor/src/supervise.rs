@@ -6,6 +6,7 @@
 use crate::cgroup::Cgroup;
 use crate::child::{self, Plan};
 use crate::devices::{Access, Staging};
+use crate::hooks::Hooks;
 use crate::live::Live;
 use crate::messages::ChildReport;
 use crate::node_modes::FollowedNode;
@@ -188,7 +189,7 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     let mut allowed = base_allowed.clone();
     allowed.extend(selection.nodes.iter().map(|n| (n.major, Some(n.minor))));
     plan.hooks_barrier = !selection.hooks.is_empty();
-    let hooks = Hooks::new(d, &selection.hooks)?;
+    let hooks = Hooks::new(&d.name, &RuntimeDir::path(&d.name), &selection.hooks)?;
     let plan = &*plan;
 
     // Blocked since main began (signals.rs); blocking again costs nothing and keeps this
@@ -411,59 +412,6 @@ fn check_reachable(plan: &Plan, owner: u32) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// CDI hooks, run by the supervisor at the OCI stages they name, each with the container's
-/// OCI state on stdin. Hooks find the container's root through the bundle's config.json, whose
-/// root is `/proc/PID/root` (the payload's root, seen from the host).
-struct Hooks<'a> {
-    name: &'a str,
-    hooks: &'a [gpubox_devices::cdi::Hook],
-    bundle: std::path::PathBuf,
-}
-
-impl<'a> Hooks<'a> {
-    fn new(d: &'a Definition, hooks: &'a [gpubox_devices::cdi::Hook]) -> Result<Hooks<'a>> {
-        if let Some(h) = hooks.iter().find(|h| h.hook_name == "startContainer") {
-            anyhow::bail!(
-                "CDI hook {} runs at startContainer, inside the container, which gpubox does not support",
-                h.path.display()
-            );
-        }
-        let bundle = RuntimeDir::path(&d.name).join("bundle");
-        Ok(Hooks { name: &d.name, hooks, bundle })
-    }
-
-    fn run(&self, stages: &[&str], pid: i32) -> Result<()> {
-        let due: Vec<_> = self.hooks.iter().filter(|h| stages.contains(&h.hook_name.as_str())).collect();
-        if due.is_empty() {
-            return Ok(());
-        }
-        std::fs::create_dir_all(&self.bundle)?;
-        let config = serde_json::json!({"ociVersion": "1.2.0", "root": {"path": format!("/proc/{pid}/root")}});
-        std::fs::write(self.bundle.join("config.json"), config.to_string())?;
-        let status = if stages.contains(&"poststop") {
-            "stopped"
-        } else if stages.contains(&"poststart") {
-            "running"
-        } else {
-            "created"
-        };
-        let state = gpubox_devices::cdi::oci_state(self.name, pid as u32, &self.bundle, status);
-        for hook in due {
-            gpubox_devices::cdi::run_hook(hook, &state).map_err(anyhow::Error::msg)?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Hooks<'_> {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.bundle);
-        if let Some(parent) = self.bundle.parent() {
-            let _ = std::fs::remove_dir(parent); // only when empty: made for the bundle alone
-        }
-    }
 }
 
 /// The control socket's file, removed when the container stops or fails to start.
