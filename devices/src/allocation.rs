@@ -34,7 +34,7 @@ pub struct Candidate {
 }
 
 /// The GPUs the selectors match, each once (all of the inventory's without a selector).
-pub fn candidates(inventory: &Inventory, selectors: &[Selector]) -> Result<Vec<Candidate>, String> {
+pub fn candidates(inventory: &Inventory, selectors: &[Selector]) -> Result<Vec<Candidate>, crate::Error> {
     let mut out: Vec<Candidate> = Vec::new();
     let all = [Selector::All];
     let selectors = if selectors.is_empty() { &all[..] } else { selectors };
@@ -56,8 +56,10 @@ pub fn candidates(inventory: &Inventory, selectors: &[Selector]) -> Result<Vec<C
                     vec![name.clone()]
                 };
                 for device in names {
-                    let resolved =
-                        inventory.cdi.resolve(kind, &device).map_err(|e| format!("[GPU] Device={selector}: {e}"))?;
+                    let resolved = inventory
+                        .cdi
+                        .resolve(kind, &device)
+                        .map_err(|e| crate::Error::Selection(format!("[GPU] Device={selector}: {e}")))?;
                     let nodes = cdi::combined_edits(&resolved).device_nodes;
                     let numbers: Vec<(u32, u32)> = nodes
                         .iter()

@@ -62,7 +62,7 @@ pub struct DriverFiles {
 }
 
 /// Finds the host's NVIDIA driver files; an error when there are none.
-pub fn nvidia() -> Result<DriverFiles, String> {
+pub fn nvidia() -> Result<DriverFiles, crate::Error> {
     // GPUBOX_LD_CACHE: another cache file than the host's, for tests with a stand-in driver.
     let cache: Vec<std::ffi::OsString> = match std::env::var_os("GPUBOX_LD_CACHE") {
         Some(file) => vec!["-p".into(), "-C".into(), file],
@@ -72,10 +72,12 @@ pub fn nvidia() -> Result<DriverFiles, String> {
         .args(&cache)
         .output()
         .or_else(|_| std::process::Command::new("/sbin/ldconfig").args(&cache).output())
-        .map_err(|e| format!("running ldconfig -p: {e}"))?;
+        .map_err(|e| crate::Error::Driver(format!("running ldconfig -p: {e}")))?;
     let libraries = libraries_in_ld_cache(&String::from_utf8_lossy(&out.stdout), std::env::consts::ARCH);
     if !libraries.iter().any(|l| l.name.starts_with("libnvidia-ml.so")) {
-        return Err("DriverLibraries=yes, but the host's ld cache has no NVIDIA driver (no libnvidia-ml.so)".into());
+        return Err(crate::Error::Driver(
+            "DriverLibraries=yes, but the host's ld cache has no NVIDIA driver (no libnvidia-ml.so)".into(),
+        ));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     let beside_libraries = libraries.iter().filter_map(|l| Some(l.host.parent()?.parent()?.join("bin")));

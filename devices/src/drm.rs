@@ -4,17 +4,17 @@
 use crate::{Gpu, Node};
 use std::path::PathBuf;
 
-pub fn discover() -> Result<Vec<Gpu>, String> {
-    let mut enumerator = udev::Enumerator::new().map_err(|e| format!("udev: {e}"))?;
-    enumerator.match_subsystem("drm").map_err(|e| format!("udev: {e}"))?;
+pub fn discover() -> Result<Vec<Gpu>, crate::Error> {
+    let mut enumerator = udev::Enumerator::new().map_err(|e| crate::Error::Discovery(format!("udev: {e}")))?;
+    enumerator.match_subsystem("drm").map_err(|e| crate::Error::Discovery(format!("udev: {e}")))?;
     // Card and render nodes only: libudev checks names before it reads a device, so the
     // connectors (card0-DP-1, …, several per GPU) cost nothing. Discovery runs on every
     // hotplug event.
     for pattern in ["card[0-9]", "card[0-9][0-9]", "card[0-9][0-9][0-9]", "renderD*"] {
-        enumerator.match_sysname(pattern).map_err(|e| format!("udev: {e}"))?;
+        enumerator.match_sysname(pattern).map_err(|e| crate::Error::Discovery(format!("udev: {e}")))?;
     }
     let mut gpus: Vec<Gpu> = Vec::new();
-    for dev in enumerator.scan_devices().map_err(|e| format!("udev: {e}"))? {
+    for dev in enumerator.scan_devices().map_err(|e| crate::Error::Discovery(format!("udev: {e}")))? {
         let name = dev.sysname().to_string_lossy().into_owned();
         if !(name.starts_with("card") || name.starts_with("renderD")) || name.contains('-') {
             continue;

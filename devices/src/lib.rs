@@ -7,9 +7,11 @@ pub mod allocation;
 pub mod cdi;
 pub mod driver;
 mod drm;
+mod error;
 pub mod nvidia;
 pub mod select;
 
+pub use error::Error;
 pub use select::{select, NodeAccess, Selection};
 
 use gpubox_definition::PciAddress;
@@ -96,7 +98,7 @@ impl Inventory {
                 g
             }
             Err(e) => {
-                backends.push(Backend { name: "drm", absent: Some(e) });
+                backends.push(Backend { name: "drm", absent: Some(e.to_string()) });
                 Vec::new()
             }
         };
@@ -105,7 +107,7 @@ impl Inventory {
                 backends.push(Backend { name: "nvidia", absent: None });
                 merge_nvidia(&mut gpus, found);
             }
-            Err(e) => backends.push(Backend { name: "nvidia", absent: Some(e) }),
+            Err(e) => backends.push(Backend { name: "nvidia", absent: Some(e.to_string()) }),
         }
         let dirs = cdi_dirs();
         let cdi = cdi::Registry::load(&dirs);

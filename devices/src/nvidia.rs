@@ -28,11 +28,11 @@ fn proc_dir() -> PathBuf {
     std::env::var_os("GPUBOX_NVIDIA_PROC").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/proc/driver/nvidia"))
 }
 
-pub fn discover() -> Result<Vec<Gpu>, String> {
+pub fn discover() -> Result<Vec<Gpu>, crate::Error> {
     let dir = proc_dir();
     let gpus_dir = dir.join("gpus");
-    let entries =
-        std::fs::read_dir(&gpus_dir).map_err(|e| format!("no NVIDIA driver ({}: {})", gpus_dir.display(), e.kind()))?;
+    let entries = std::fs::read_dir(&gpus_dir)
+        .map_err(|e| crate::Error::Discovery(format!("no NVIDIA driver ({}: {})", gpus_dir.display(), e.kind())))?;
     let mut found: Vec<Information> = entries
         .flatten()
         .filter_map(|e| {

@@ -1,6 +1,7 @@
 //! Matching `[GPU] Device=` selectors against the host's GPUs. Selecting a GPU brings all of
 //! its nodes (card and render node; an NVIDIA device and its control nodes).
 
+use crate::Error;
 use crate::{cdi, Gpu, Inventory, Node};
 use gpubox_definition::Selector;
 use std::path::PathBuf;
@@ -38,7 +39,7 @@ impl Selection {
 
 /// Resolves every selector; one that matches nothing is an error unless `optional`, and the
 /// error lists what the host has.
-pub fn select(inventory: &Inventory, selectors: &[Selector], optional: bool) -> Result<Selection, String> {
+pub fn select(inventory: &Inventory, selectors: &[Selector], optional: bool) -> Result<Selection, Error> {
     let mut selection = Selection::default();
     for selector in selectors {
         if let Selector::Cdi { kind, name } = selector {
@@ -46,13 +47,16 @@ pub fn select(inventory: &Inventory, selectors: &[Selector], optional: bool) -> 
                 // Spec-level edits once, however many of the spec's devices are selected.
                 Ok(devices) => add_cdi(&mut selection, &format!("{kind}={name}"), cdi::combined_edits(&devices))?,
                 Err(_) if optional => {}
-                Err(e) => return Err(format!("[GPU] Device={selector}: {e}")),
+                Err(e) => return Err(Error::Selection(format!("[GPU] Device={selector}: {e}"))),
             }
             continue;
         }
         let matched: Vec<&Gpu> = inventory.gpus.iter().filter(|g| matches(selector, g)).collect();
         if matched.is_empty() && !optional {
-            return Err(format!("[GPU] Device={selector} matches no GPU on this host; {}", describe(inventory)));
+            return Err(Error::Selection(format!(
+                "[GPU] Device={selector} matches no GPU on this host; {}",
+                describe(inventory)
+            )));
         }
         for gpu in matched {
             let name = primary_name(gpu);
@@ -67,20 +71,23 @@ pub fn select(inventory: &Inventory, selectors: &[Selector], optional: bool) -> 
     Ok(selection)
 }
 
-fn add_cdi(selection: &mut Selection, qualified: &str, edits: cdi::ContainerEdits) -> Result<(), String> {
+fn add_cdi(selection: &mut Selection, qualified: &str, edits: cdi::ContainerEdits) -> Result<(), Error> {
     for n in &edits.device_nodes {
         if n.kind.is_some_and(|k| k != 'c' && k != 'u') {
-            return Err(format!(
+            return Err(Error::Selection(format!(
                 "cdi:{qualified}: {} is not a character device; gpubox passes only those",
                 n.path.display()
-            ));
+            )));
         }
         // The container gets a node made from the numbers, so the host path only supplies them.
         let node = match (n.major, n.minor) {
             (Some(major), Some(minor)) => Node { path: n.path.clone(), major, minor },
             _ => {
                 let found = Node::stat(&n.host_path).ok_or_else(|| {
-                    format!("cdi:{qualified}: device node {} is missing on the host", n.host_path.display())
+                    Error::Selection(format!(
+                        "cdi:{qualified}: device node {} is missing on the host",
+                        n.host_path.display()
+                    ))
                 })?;
                 Node { path: n.path.clone(), ..found }
             }
@@ -223,7 +230,9 @@ mod tests {
 
     fn pick(selectors: &[&str]) -> Result<Vec<String>, String> {
         let selectors: Vec<Selector> = selectors.iter().map(|s| s.parse().unwrap()).collect();
-        select(&host(), &selectors, false).map(|s| s.nodes.iter().map(|n| n.path.display().to_string()).collect())
+        select(&host(), &selectors, false)
+            .map(|s| s.nodes.iter().map(|n| n.path.display().to_string()).collect())
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -246,7 +255,7 @@ mod tests {
 
     #[test]
     fn no_match_lists_what_exists_unless_optional() {
-        let e = pick(&["nvidia:1"]).unwrap_err();
+        let e = pick(&["nvidia:1"]).unwrap_err().to_string();
         assert!(
             e.starts_with("[GPU] Device=nvidia:1 matches no GPU on this host; it has: pci:0000:00:02.0 drm:card0"),
             "{e}"
@@ -257,7 +266,7 @@ mod tests {
         let mut empty = host();
         empty.gpus.clear();
         empty.backends[1].absent = Some("no NVIDIA driver (/proc/driver/nvidia/gpus: NotFound)".into());
-        let e = select(&empty, &["all".parse().unwrap()], false).unwrap_err();
+        let e = select(&empty, &["all".parse().unwrap()], false).unwrap_err().to_string();
         assert_eq!(
             e,
             "[GPU] Device=all matches no GPU on this host; it has none (nvidia: no NVIDIA driver (/proc/driver/nvidia/gpus: NotFound))"

@@ -2,6 +2,7 @@
 //! converted to the model (model.rs), each error starting with the file's path.
 
 use super::model::{ContainerEdits, Device, DeviceNode, Hook, Mount, Spec, HOOK_NAMES};
+use crate::Error;
 use gpubox_definition::cdi_name::{validate_device_name, validate_kind};
 use serde::de::{self, Deserializer, IgnoredAny, Visitor};
 use serde::Deserialize;
@@ -13,13 +14,12 @@ use std::path::{Path, PathBuf};
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", "1.0.0", "1.1.0"];
 
 /// Reads and checks one spec file; the error starts with the file's path.
-pub fn load_spec(path: &Path) -> Result<Spec, String> {
+pub fn load_spec(path: &Path) -> Result<Spec, Error> {
     use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let unreadable = |e: std::io::Error| Error::Spec { path: path.to_owned(), message: format!("cannot read: {e}") };
+    let file = std::fs::File::open(path).map_err(unreadable)?;
     let mut text = String::new();
-    file.take(MAX_SPEC_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    file.take(MAX_SPEC_BYTES + 1).read_to_string(&mut text).map_err(unreadable)?;
     parse_spec(path, &text)
 }
 
@@ -62,20 +62,20 @@ pub(super) fn flow_depth(text: &str) -> usize {
 
 /// Parses and checks a spec's text; `path`'s extension picks JSON (`.json`) or YAML (anything
 /// else). The error starts with `path`.
-pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, String> {
-    let file = path.display();
+pub fn parse_spec(path: &Path, text: &str) -> Result<Spec, Error> {
+    let error = |message: String| Error::Spec { path: path.to_owned(), message };
     if text.len() as u64 > MAX_SPEC_BYTES {
-        return Err(format!("{file}: larger than {MAX_SPEC_BYTES} bytes; not read"));
+        return Err(error(format!("larger than {MAX_SPEC_BYTES} bytes; not read")));
     }
     if flow_depth(text) > MAX_SPEC_DEPTH {
-        return Err(format!("{file}: nested deeper than {MAX_SPEC_DEPTH} levels; not read"));
+        return Err(error(format!("nested deeper than {MAX_SPEC_DEPTH} levels; not read")));
     }
     let raw: RawSpec = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::from_str(text).map_err(|e| format!("{file}: not a valid CDI spec (JSON): {e}"))?
+        serde_json::from_str(text).map_err(|e| error(format!("not a valid CDI spec (JSON): {e}")))?
     } else {
-        yaml_serde::from_str(text).map_err(|e| format!("{file}: not a valid CDI spec (YAML): {e}"))?
+        yaml_serde::from_str(text).map_err(|e| error(format!("not a valid CDI spec (YAML): {e}")))?
     };
-    convert(path, raw).map_err(|e| format!("{file}: {e}"))
+    convert(path, raw).map_err(error)
 }
 
 fn convert(path: &Path, raw: RawSpec) -> Result<Spec, String> {

@@ -3,6 +3,7 @@
 
 use super::file::load_spec;
 use super::model::{ContainerEdits, Device, Spec};
+use crate::Error;
 use gpubox_definition::cdi_name::{validate_device_name, validate_kind};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -65,7 +66,7 @@ impl Registry {
             for path in files {
                 match load_spec(&path) {
                     Ok(spec) => specs.push((priority, spec)),
-                    Err(e) => problems.push(e),
+                    Err(e) => problems.push(e.to_string()),
                 }
             }
         }
@@ -115,10 +116,11 @@ impl Registry {
 
     /// The devices that `kind` (`vendor/class`) and `name` (a device name, or `all`) mean.
     /// The error says what exists instead, or which edits a device needs that gpubox lacks.
-    pub fn resolve(&self, kind: &str, name: &str) -> Result<Vec<Resolved<'_>>, String> {
-        validate_kind(kind).map_err(|e| format!("invalid CDI device {kind}={name}: {e}"))?;
+    pub fn resolve(&self, kind: &str, name: &str) -> Result<Vec<Resolved<'_>>, Error> {
+        let invalid = |e: String| Error::CdiDevice(format!("invalid CDI device {kind}={name}: {e}"));
+        validate_kind(kind).map_err(invalid)?;
         if name != "all" {
-            validate_device_name(name).map_err(|e| format!("invalid CDI device {kind}={name}: {e}"))?;
+            validate_device_name(name).map_err(invalid)?;
         }
         let of_kind: Vec<(String, &Spec, &Device)> =
             self.devices().into_iter().filter(|(_, s, _)| s.kind == kind).collect();
@@ -133,7 +135,7 @@ impl Registry {
             if !self.problems.is_empty() {
                 text.push_str(&format!("; CDI specs that could not be used: {}", self.problems.join("; ")));
             }
-            return Err(text);
+            return Err(Error::CdiDevice(text));
         }
         let chosen: Vec<Resolved<'_>> = if name == "all" && !of_kind.iter().any(|(_, _, d)| d.name == "all") {
             of_kind.iter().map(|(q, s, d)| Resolved { qualified: q.clone(), spec: s, device: d }).collect()
@@ -142,7 +144,10 @@ impl Registry {
                 Some((q, s, d)) => vec![Resolved { qualified: q.clone(), spec: s, device: d }],
                 None => {
                     let have: Vec<&str> = of_kind.iter().map(|(_, _, d)| d.name.as_str()).collect();
-                    return Err(format!("no CDI device {kind}={name}; {kind} has: {}", have.join(", ")));
+                    return Err(Error::CdiDevice(format!(
+                        "no CDI device {kind}={name}; {kind} has: {}",
+                        have.join(", ")
+                    )));
                 }
             }
         };
@@ -151,12 +156,12 @@ impl Registry {
             unsupported
                 .extend(r.device.edits.unsupported.iter().filter(|u| !r.spec.edits.unsupported.contains(u)).cloned());
             if !unsupported.is_empty() {
-                return Err(format!(
+                return Err(Error::CdiDevice(format!(
                     "CDI device {} ({}) needs {} edits, which gpubox does not support",
                     r.qualified,
                     r.spec.path.display(),
                     unsupported.join(" and ")
-                ));
+                )));
             }
         }
         Ok(chosen)
