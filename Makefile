@@ -80,12 +80,15 @@ uninstall:
 
 # The Debian package target/debian/gpubox_VERSION_ARCH.deb: `make install PREFIX=/usr` into a
 # staging tree (so that only the rules above know where files go), packed by packaging/deb/pack.
+# `make deb CARGO=true` packs the programs already in target/release without running cargo
+# (they must have been built for PREFIX=/usr: the generator's unit directory is built in).
 deb:
 	rm -rf $(DEBDIR)/root
 	$(MAKE) --no-print-directory install DESTDIR=$(abspath $(DEBDIR))/root PREFIX=/usr
 	packaging/deb/pack $(DEBDIR)/root $(VERSION) $(DEBDIR)
 
-# Every test: unit, golden files, systemd-analyze verify, privileged (as root), VM system tests.
+# Every test: man pages, unit, golden files, systemd-analyze verify, privileged (as root), VM
+# system tests.
 check test:
 	tests/run-all
 

@@ -4,6 +4,21 @@
 fails=0
 phase=${GPUBOX_VM_PHASE:-1}
 
+# gpubox itself, from its Debian package in the share (tests/vm/run puts it there), installed on
+# the first boot before the scenario starts, as an admin installs it: dpkg -i, whose postinst
+# makes the group gpubox, reloads systemd (the generator runs) and udev. The image keeps only
+# copyright files of /usr/share/doc and no man pages (its dpkg path-excludes); gpubox's are
+# included again. The disk keeps the installation over a reboot_and_continue.
+if [[ $phase == 1 && -f $GPUBOX_VM_SHARE/gpubox.deb ]]; then
+    if ! dpkg --path-include='/usr/share/doc/gpubox/*' --path-include='/usr/share/man/man*/gpubox*' \
+        -i "$GPUBOX_VM_SHARE/gpubox.deb" >"$GPUBOX_VM_SHARE/out/dpkg.log" 2>&1; then
+        echo "FAIL dpkg -i gpubox.deb:"
+        sed 's/^/    /' "$GPUBOX_VM_SHARE/out/dpkg.log"
+        exit 1
+    fi
+    echo "ok   gpubox installed: dpkg -i gpubox.deb"
+fi
+
 # check DESCRIPTION SHELL-CODE: runs the code, records ok/FAIL.
 check() {
     local desc=$1 code=$2

@@ -21,21 +21,26 @@ def build_image():
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def install_tree(dest):
-    """`make install DESTDIR=dest PREFIX=/usr`: the gpubox files the guest copies into /.
-    Returns False (make's errors shown) when that fails."""
+def build_package(dest):
+    """`make deb DEBDIR=dest`: gpubox's Debian package, which the guest installs with dpkg.
+    Returns its path, or None (make's errors shown) when that fails."""
     shutil.rmtree(dest, ignore_errors=True)
-    make = subprocess.run(["make", "-s", "-C", str(REPO), "install", f"DESTDIR={dest}", "PREFIX=/usr"],
-                          stdout=subprocess.DEVNULL)
-    return make.returncode == 0
+    make = subprocess.run(["make", "-s", "-C", str(REPO), "deb", f"DEBDIR={dest}"], stdout=subprocess.DEVNULL)
+    debs = sorted(Path(dest).glob("gpubox_*.deb"))
+    return debs[0] if make.returncode == 0 and len(debs) == 1 else None
 
 
-def make_share(path, tree, mode, scenario=None, timeout=120):
-    """A fresh share directory for one VM run (see tests/vm/guest/runner for its layout)."""
+def make_share(path, deb, mode, scenario=None, timeout=120):
+    """A fresh share directory for one VM run (see tests/vm/guest/runner for its layout).
+    gpubox.deb is the package; a scenario installs it with dpkg on the first boot (lib.sh). In
+    shell mode, where no scenario runs, root/ holds the package's files instead, which the
+    runner in the image copies into / on the first boot (the gpubox group is not made then)."""
     shutil.rmtree(path, ignore_errors=True)
     (path / "out").mkdir(parents=True)
     (path / "req").mkdir()
-    shutil.copytree(tree, path / "root", symlinks=True)
+    shutil.copy(deb, path / "gpubox.deb")
+    if mode == "shell":
+        subprocess.run(["dpkg-deb", "--extract", str(deb), str(path / "root")], check=True)
     shutil.copy(HERE / "lib.sh", path / "lib.sh")
     # Small measuring tools for scenarios (./tools/NAME in the guest); host and guest are both
     # Debian 12, so what the host's compiler makes runs there.
