@@ -6,13 +6,13 @@
 
 use crate::devcgroup::DeviceFilter;
 use crate::devices::Access;
+use crate::ledger::Ledger;
 use crate::mount_helper::MountHelper;
 use crate::node_modes::FollowedNode;
 use crate::{log, systemd};
 use anyhow::{bail, Result};
-use gpubox_control::{Device, HotplugAction, Origin, State, Status};
+use gpubox_control::{HotplugAction, Origin, State, Status};
 use gpubox_definition::Selector;
-use gpubox_devices::cdi::Mount;
 use gpubox_devices::{select, Inventory, Node, Selection};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -44,16 +44,12 @@ pub struct Live {
     pub unit: Option<String>,
     /// The group devices are given to inside (see `devices::device_group`).
     pub device_group: u32,
-    pub devices: Vec<Device>,
-    pub nodes: Vec<Node>,
+    /// What the container holds (see `ledger`).
+    pub ledger: Ledger,
     /// Whether udev's events are followed (see `watch`).
     pub followed: bool,
     /// The unit's `DeviceAllow=` as last set (see `systemd`).
     pub allowed_by_systemd: Vec<String>,
-    /// Nodes still mounted inside whose detach failed: on record, since the container has
-    /// them, but never allowed again (their device may be gone, and its numbers taken by
-    /// another); the next removal tries again.
-    pub stuck: Vec<Node>,
     /// Nodes whose mode follows a host node's (see `node_modes`).
     pub host_modes: Vec<FollowedNode>,
     /// The GPUs this container holds host-wide (see `allocator`), and whether alone.
@@ -72,16 +68,8 @@ impl Live {
             state: self.state.to_owned(),
             pid: self.pid,
             hotplug: self.hotplug,
-            devices: self.devices.clone(),
-            waiting: if self.hotplug {
-                self.selectors
-                    .iter()
-                    .map(|s| s.to_string())
-                    .filter(|s| !self.devices.iter().any(|d| &d.name == s))
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            devices: self.ledger.devices(),
+            waiting: if self.hotplug { self.ledger.waiting(&self.selectors) } else { Vec::new() },
         }
     }
 
@@ -89,15 +77,14 @@ impl Live {
     pub fn attach(&mut self, selector: &str, how: Origin) -> Result<()> {
         self.check_running()?;
         let selector: Selector = selector.parse().map_err(anyhow::Error::msg)?;
-        let name = selector.to_string();
-        if self.devices.iter().any(|d| d.name == name) {
+        if self.ledger.holds(&selector) {
             return Ok(());
         }
         let inventory = Inventory::discover();
         let selection = select(&inventory, std::slice::from_ref(&selector), false).map_err(anyhow::Error::msg)?;
         // No GPU another container holds alone, and none of ours to another alone.
         let holds = crate::start_devices::hold_more(&self.name, &inventory, &selector, self.exclusive, &self.held)?;
-        self.attach_device(&name, &selection, &selection.nodes, how)?;
+        self.attach_device(&selector, &selection, &selection.nodes, how)?;
         self.held.extend(holds);
         Ok(())
     }
@@ -105,7 +92,7 @@ impl Live {
     /// Lets go of the GPUs that none of the devices still held names (in `inventory`, the
     /// caller's discovery: a second one would cost every change a few ms).
     fn release_unused(&mut self, inventory: &Inventory) {
-        let names: Vec<Selector> = self.devices.iter().filter_map(|d| d.name.parse().ok()).collect();
+        let names = self.ledger.selectors();
         let keys: Vec<String> = gpubox_devices::allocation::candidates(inventory, &names)
             .unwrap_or_default()
             .into_iter()
@@ -117,27 +104,19 @@ impl Live {
     /// Detaches what was attached as `selector`; detaching it again changes nothing.
     pub fn detach(&mut self, selector: &str) -> Result<()> {
         self.check_running()?;
-        let name = selector.parse::<Selector>().map_err(anyhow::Error::msg)?.to_string();
-        let Some(device) = self.devices.iter().find(|d| d.name == name) else { return Ok(()) };
-        let others = || self.devices.iter().filter(|d| d.name != name);
-        let going: Vec<Node> = self
-            .nodes
-            .iter()
-            .filter(|n| device.nodes.contains(&n.path) && !others().any(|d| d.nodes.contains(&n.path)))
-            .cloned()
-            .collect();
+        let selector = selector.parse::<Selector>().map_err(anyhow::Error::msg)?;
+        let Some(going) = self.ledger.plan_detach(&selector) else { return Ok(()) };
         // The device stays on record until its nodes are out (a device with no nodes left has
         // gone with them, mounts and all).
-        self.detach_nodes(&going)?;
-        match self.devices.iter().position(|d| d.name == name) {
-            Some(index) => {
-                let device = self.devices.remove(index);
-                let unbound = self.unbind_mounts_of(&[device]);
-                self.release_unused(&Inventory::discover());
-                unbound
-            }
-            None => Ok(()),
-        }
+        self.remove_nodes(&going)?;
+        let unbound = if self.ledger.holds(&selector) {
+            let mounts = self.ledger.forget(&selector);
+            self.unbind(&mounts)
+        } else {
+            Ok(())
+        };
+        self.release_unused(&Inventory::discover());
+        unbound
     }
 
     /// A udev event. Add (with `Hotplug=yes` only): attach what the definition's selectors
@@ -159,12 +138,13 @@ impl Live {
     fn hotplug_add(&mut self, inventory: &Inventory) -> Result<()> {
         for selector in self.selectors.clone() {
             let selection = select(inventory, std::slice::from_ref(&selector), true).map_err(anyhow::Error::msg)?;
+            let held = self.ledger.nodes();
             let missing: Vec<Node> =
-                selection.nodes.iter().filter(|n| !self.nodes.iter().any(|m| m.path == n.path)).cloned().collect();
+                selection.nodes.iter().filter(|n| !held.iter().any(|m| m.path == n.path)).cloned().collect();
             if !missing.is_empty() {
                 let holds =
                     crate::start_devices::hold_more(&self.name, inventory, &selector, self.exclusive, &self.held)?;
-                self.attach_device(&selector.to_string(), &selection, &missing, Origin::Hotplug)?;
+                self.attach_device(&selector, &selection, &missing, Origin::Hotplug)?;
                 self.held.extend(holds);
             }
         }
@@ -174,13 +154,11 @@ impl Live {
     /// Detaches every node its selector no longer finds.
     fn hotplug_remove(&mut self, inventory: &Inventory) -> Result<()> {
         let mut still: Vec<Node> = Vec::new();
-        for device in &self.devices {
-            if let Ok(selector) = device.name.parse::<Selector>() {
-                still.extend(select(inventory, &[selector], true).map(|s| s.nodes).unwrap_or_default());
-            }
+        for selector in self.ledger.selectors() {
+            still.extend(select(inventory, &[selector], true).map(|s| s.nodes).unwrap_or_default());
         }
-        let gone: Vec<Node> = self.nodes.iter().filter(|n| !still.contains(n)).cloned().collect();
-        let detached = self.detach_nodes(&gone);
+        let gone = self.ledger.plan_gone(&still);
+        let detached = self.remove_nodes(&gone);
         if !gone.is_empty() {
             self.release_unused(inventory);
         }
@@ -250,24 +228,13 @@ impl Live {
     /// Nodes first (permission, then each node), then the CDI mounts the container does not
     /// have yet; any failure undoes everything done, so the container never sees half a GPU.
     /// `nodes` are those of `selection` to attach; its mounts and node access come along.
-    fn attach_device(&mut self, name: &str, selection: &Selection, nodes: &[Node], how: Origin) -> Result<()> {
-        let mounts = &selection.mounts;
-        let new: Vec<Node> = nodes.iter().filter(|n| !self.nodes.contains(n)).cloned().collect();
-        let mut new_mounts: Vec<&Mount> = Vec::new();
-        for m in mounts {
-            if !self.devices.iter().any(|d| d.mounts.contains(&m.container_path))
-                && !new_mounts.iter().any(|n| n.container_path == m.container_path)
-            {
-                new_mounts.push(m);
-            }
-        }
-        let mut all = self.nodes.clone();
-        all.extend(new.iter().cloned());
-        self.grant(&all)?;
+    fn attach_device(&mut self, selector: &Selector, selection: &Selection, nodes: &[Node], how: Origin) -> Result<()> {
+        let plan = self.ledger.plan_attach(selector, how, selection, nodes);
+        self.grant(&plan.allowed)?;
         let (mut done, mut bound) = (Vec::new(), Vec::new());
         let mut failed = None;
         let mut modes = Vec::new();
-        for node in &new {
+        for node in &plan.new_nodes {
             let spec = selection.access_of(&node.path);
             let access = Access::for_node(node, self.device_group, &spec);
             match self.helper().and_then(|h| h.attach(node, access)) {
@@ -281,7 +248,7 @@ impl Live {
                 }
             }
         }
-        for m in &new_mounts {
+        for m in &plan.new_mounts {
             if failed.is_some() {
                 break;
             }
@@ -298,48 +265,28 @@ impl Live {
             for n in &done {
                 let _ = self.eject(n);
             }
-            let before = self.nodes.clone();
+            let before = self.ledger.allowed(self.ledger.nodes());
             let _ = self.grant(&before);
             return Err(e);
         }
-        self.nodes = all;
-        self.host_modes.extend(modes);
-        let paths: Vec<PathBuf> = nodes.iter().map(|n| n.path.clone()).collect();
-        let mount_paths: Vec<PathBuf> = mounts.iter().map(|m| m.container_path.clone()).collect();
-        let device = match self.devices.iter_mut().position(|d| d.name == name) {
-            Some(i) => &mut self.devices[i],
-            None => {
-                self.devices.push(Device { name: name.to_owned(), how: how.to_owned(), ..Device::default() });
-                self.devices.last_mut().expect("just pushed")
-            }
-        };
-        for p in paths {
-            if !device.nodes.contains(&p) {
-                device.nodes.push(p);
-            }
-        }
-        for p in mount_paths {
-            if !device.mounts.contains(&p) {
-                device.mounts.push(p);
-            }
-        }
-        let mut what = describe(&new);
+        let mut what = describe(&plan.new_nodes);
         if !bound.is_empty() {
             what +=
                 &format!(" (mounts: {})", bound.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "));
         }
-        log::info(&format!("attached {name} ({how}): {what}"));
+        self.ledger.record_attach(plan);
+        self.host_modes.extend(modes);
+        log::info(&format!("attached {selector} ({how}): {what}"));
         Ok(())
     }
 
     /// Permission first, then each node out of the container. A node that will not go stays on
-    /// record (the container still has it) but `stuck`, without permission.
-    fn detach_nodes(&mut self, going: &[Node]) -> Result<()> {
+    /// record (the container still has it) but stuck, without permission.
+    fn remove_nodes(&mut self, going: &[Node]) -> Result<()> {
         if going.is_empty() {
             return Ok(());
         }
-        let remaining: Vec<Node> = self.nodes.iter().filter(|n| !going.contains(n)).cloned().collect();
-        self.grant(&remaining)?;
+        self.grant(&self.ledger.allowed_without(going))?;
         let (mut gone, mut failed) = (Vec::new(), None);
         for node in going {
             self.warn_holders(node);
@@ -351,37 +298,22 @@ impl Live {
                 }
             }
         }
-        self.nodes.retain(|n| !gone.contains(n));
-        self.stuck.retain(|n| !gone.contains(n));
-        let stuck: Vec<Node> = going.iter().filter(|n| !gone.contains(n) && !self.stuck.contains(n)).cloned().collect();
-        self.stuck.extend(stuck);
+        let mounts = self.ledger.record_removed(going, &gone);
         self.host_modes.retain(|f| !gone.contains(&f.node));
-        for d in &mut self.devices {
-            d.nodes.retain(|p| !gone.iter().any(|n| &n.path == p));
-        }
-        let (left, kept): (Vec<Device>, Vec<Device>) = self.devices.drain(..).partition(|d| d.nodes.is_empty());
-        self.devices = kept;
         if !gone.is_empty() {
             log::info(&format!("detached {}", describe(&gone)));
         }
-        let unbound = self.unbind_mounts_of(&left);
+        let unbound = self.unbind(&mounts);
         match failed {
             Some(e) => Err(e),
             None => unbound,
         }
     }
 
-    /// Unbinds the CDI mounts of devices that went, unless a device still held has them too.
-    fn unbind_mounts_of(&mut self, gone: &[Device]) -> Result<()> {
-        let mut going: Vec<PathBuf> = gone
-            .iter()
-            .flat_map(|d| d.mounts.iter().cloned())
-            .filter(|p| !self.devices.iter().any(|d| d.mounts.contains(p)))
-            .collect();
-        going.sort();
-        going.dedup();
-        for path in going {
-            self.helper()?.unbind(&path)?;
+    /// Unbinds CDI mounts that no device of the container has any more.
+    fn unbind(&mut self, mounts: &[PathBuf]) -> Result<()> {
+        for path in mounts {
+            self.helper()?.unbind(path)?;
         }
         Ok(())
     }
@@ -403,7 +335,7 @@ impl Live {
     /// payload's cgroup, and under systemd the unit's `DeviceAllow=` (by class for GPUs, see
     /// `systemd`).
     fn grant(&mut self, nodes: &[Node]) -> Result<()> {
-        let nodes: Vec<Node> = nodes.iter().filter(|n| !self.stuck.contains(n)).cloned().collect();
+        let nodes = self.ledger.allowed(nodes);
         let nodes = &nodes[..];
         if let Some(filter) = &mut self.devices_filter {
             let mut allowed = self.base_allowed.clone();

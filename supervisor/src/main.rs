@@ -14,6 +14,7 @@ mod enter;
 mod hooks;
 mod idmap;
 mod in_root;
+mod ledger;
 mod live;
 mod log;
 mod messages;

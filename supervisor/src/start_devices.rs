@@ -2,6 +2,7 @@
 //! allocated host-wide (allocator.rs), each held for the container's life; and, for status,
 //! which nodes and mounts each brought.
 
+use crate::ledger::Entry;
 use crate::{allocator, log};
 use anyhow::{bail, Result};
 use gpubox_control::Origin;
@@ -13,8 +14,8 @@ use gpubox_devices::{Inventory, Selection};
 #[derive(Default)]
 pub struct StartDevices {
     pub selection: Selection,
-    /// For status: one entry per selector (or allocated GPU) that brought something.
-    pub devices: Vec<gpubox_control::Device>,
+    /// The ledger's first entries: one per selector (or allocated GPU) that brought something.
+    pub devices: Vec<Entry>,
     /// The GPUs held, released when dropped (by the kernel, at the latest, when the
     /// supervisor ends).
     pub held: Vec<allocator::Held>,
@@ -59,7 +60,7 @@ pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDev
             .map(|c| {
                 let one =
                     gpubox_devices::select(&inventory, std::slice::from_ref(&c.selector), true).unwrap_or_default();
-                status_entry(&c.label, &one, if gpu.exclusive() { Origin::Allocated } else { Origin::AllocatedShared })
+                entry(&c.selector, &one, if gpu.exclusive() { Origin::Allocated } else { Origin::AllocatedShared })
             })
             .collect();
         let hidden = hidden_nvidia_entries(&inventory, &selection);
@@ -76,7 +77,7 @@ pub fn prepare(d: &Definition, mut waiting: impl FnMut(&str)) -> Result<StartDev
     for selector in &gpu.devices {
         let one = gpubox_devices::select(&inventory, std::slice::from_ref(selector), true).unwrap_or_default();
         if !one.nodes.is_empty() || !one.mounts.is_empty() {
-            devices.push(status_entry(&selector.to_string(), &one, Origin::Start));
+            devices.push(entry(selector, &one, Origin::Start));
         } else if gpu.hotplug {
             crate::log::info(&format!(
                 "[GPU] Device={selector} matches nothing on this host yet; waiting for it (Hotplug=yes)"
@@ -144,11 +145,11 @@ pub fn hold_more(
     allocator::hold_all(name, &new, exclusive).or_else(|e| bail!("{selector}: {e:#}"))
 }
 
-fn status_entry(name: &str, one: &Selection, how: Origin) -> gpubox_control::Device {
-    gpubox_control::Device {
-        name: name.to_owned(),
+fn entry(selector: &Selector, one: &Selection, origin: Origin) -> Entry {
+    Entry {
+        selector: selector.clone(),
+        origin,
         nodes: one.nodes.iter().map(|n| n.path.clone()).collect(),
-        how,
         mounts: one.mounts.iter().map(|m| m.container_path.clone()).collect(),
     }
 }

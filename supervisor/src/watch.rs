@@ -192,7 +192,7 @@ fn display_class(class: &str) -> bool {
 /// Clients of the control socket hear of what changed, as after a change they asked for.
 fn settle(live: &Shared, due: Due, modes: Option<&Inotify>) -> bool {
     let mut live = live.lock().expect("live state lock");
-    let before = live.devices.clone();
+    let before = live.ledger.clone();
     // Modes first: for udev's event on a GPU the kernel's event brought already, that is what
     // a non-root user inside waits for; the reselection after it is the backstop.
     if due.configured {
@@ -216,7 +216,7 @@ fn settle(live: &Shared, due: Due, modes: Option<&Inotify>) -> bool {
         }
         live.follow_host_modes();
     }
-    if live.devices != before {
+    if live.ledger != before {
         crate::peers::announce(&live.status());
     }
     live.state == gpubox_control::State::Running
