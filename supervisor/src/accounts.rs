@@ -1,5 +1,6 @@
 //! The container's own users and groups: `/etc/passwd` and `/etc/group` of its root, the one
-//! reader of them for the supervisor (the group its devices get) and the child (`User=`).
+//! reader of them for the supervisor (the group its devices get), the child (`User=`) and
+//! `gpuboxctl exec` (`--user`); and the one parser of group files, the host's too.
 //! They belong to the payload, so they are read as untrusted: resolved inside the root, a
 //! regular file only (never a FIFO or `/dev/zero`), at most [`LIMIT`] bytes.
 
@@ -63,6 +64,12 @@ pub fn resolve(user: Option<&User>, passwd: &str, group: &str) -> Result<Account
     Ok(Account { uid, gid, groups, home })
 }
 
+/// The id of group `name` in a group file's text (the one reader of group files, the host's
+/// too: the control socket's `gpubox` group).
+pub fn group_id(group: &str, name: &str) -> Option<u32> {
+    group.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() >= 3 && f[0] == name)?[2].parse().ok()
+}
+
 /// The group of `User=` for the container's device nodes: its passwd group where only a name
 /// or uid is given; root's without `User=`, or when it cannot be found.
 pub fn primary_group(user: Option<&User>, passwd: &str) -> u32 {
@@ -95,6 +102,9 @@ mod tests {
         assert!(resolve(Some(&User::Name("mallory".into())), PASSWD, GROUP).unwrap_err().contains("no such user"));
         assert_eq!(primary_group(Some(&User::Name("alice".into())), PASSWD), 100);
         assert_eq!(primary_group(None, PASSWD), 0);
+        assert_eq!(group_id(GROUP, "render"), Some(105));
+        assert_eq!(group_id(GROUP, "gpubox"), None);
+        assert_eq!(group_id("gpubox:x:notanumber:\n", "gpubox"), None);
     }
 
     #[test]

@@ -163,14 +163,11 @@ impl Drop for PeerSlot {
     }
 }
 
-/// The `gpubox` group from /etc/group itself: an NSS lookup would load every module that
-/// nsswitch.conf names, on the start path of every container.
+/// The `gpubox` group from the host's /etc/group itself: an NSS lookup would load every module
+/// that nsswitch.conf names, on the start path of every container.
 fn gpubox_group() -> Option<nix::unistd::Gid> {
     let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|l| {
-        let mut fields = l.split(':');
-        (fields.next()? == "gpubox").then(|| fields.nth(1)?.parse().ok().map(nix::unistd::Gid::from_raw)).flatten()
-    })
+    crate::accounts::group_id(&groups, "gpubox").map(nix::unistd::Gid::from_raw)
 }
 
 fn allowed(stream: &UnixStream, group: Option<nix::unistd::Gid>) -> bool {

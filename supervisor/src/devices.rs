@@ -59,6 +59,36 @@ pub fn device_group(user: Option<&gpubox_definition::User>, root: Option<&Path>)
     crate::accounts::primary_group(user, &passwd)
 }
 
+/// Makes the staging node of `node` in `dir`: a node of its numbers, owned as `access` says in
+/// the container's terms (shifted by `host_base`, the host id of the container's root), with
+/// exactly `access.mode` whatever the umask; returns its path. The one place a node for a
+/// container is made: the start's staging ([`Staging::make_in`]) and the mount helper's attach.
+pub fn stage_node(dir: &Path, node: &Node, access: Access, host_base: u32) -> Result<PathBuf> {
+    let source = dir.join(staging_name(&node.path));
+    let _ = std::fs::remove_file(&source);
+    mknod(
+        &source,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(access.mode),
+        makedev(node.major as u64, node.minor as u64),
+    )
+    .with_context(|| format!("creating the staging node for {}", node.path.display()))?;
+    // mknod applies the umask; the mode must be exactly what was asked for.
+    std::fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(access.mode))?;
+    nix::unistd::chown(
+        &source,
+        Some(nix::unistd::Uid::from_raw(host_base + access.uid)),
+        Some(nix::unistd::Gid::from_raw(host_base + access.gid)),
+    )
+    .with_context(|| format!("setting the owner of {}", node.path.display()))?;
+    Ok(source)
+}
+
+/// The staging node's file name for the node at `path` inside: the path, flattened.
+pub fn staging_name(path: &Path) -> String {
+    path.to_string_lossy().trim_start_matches('/').replace('/', "-")
+}
+
 pub struct Staging {
     dir: PathBuf,
     /// Host ids of the container's uid 0 / gid 0 (0 without a user namespace).
@@ -113,32 +143,12 @@ impl Staging {
         made
     }
 
-    /// Makes the staging node for `node`, owned as `access` says in the container's terms;
-    /// returns its path, for the child to bind.
     fn stage(&self, node: &Node, access: Access) -> Result<PathBuf> {
-        let source = self.dir.join(Self::file_name(node));
-        let _ = std::fs::remove_file(&source);
-        mknod(
-            &source,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(access.mode),
-            makedev(node.major as u64, node.minor as u64),
-        )
-        .with_context(|| format!("creating the staging node for {}", node.path.display()))?;
-        // mknod applies the umask; the mode must be exactly what was asked for.
-        std::fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(access.mode))?;
-        let owner = |id: u32| nix::unistd::Uid::from_raw(self.host_base + id);
-        nix::unistd::chown(
-            &source,
-            Some(owner(access.uid)),
-            Some(nix::unistd::Gid::from_raw(self.host_base + access.gid)),
-        )
-        .with_context(|| format!("setting the owner of {}", node.path.display()))?;
-        Ok(source)
+        stage_node(&self.dir, node, access, self.host_base)
     }
 
     fn file_name(node: &Node) -> String {
-        node.path.to_string_lossy().trim_start_matches('/').replace('/', "-")
+        staging_name(&node.path)
     }
 
     /// Removes the directory made on the host (the tmpfs went with the container's namespace).

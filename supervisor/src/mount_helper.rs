@@ -25,8 +25,7 @@ use anyhow::{bail, Context, Result};
 use gpubox_devices::Node;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
-use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-use nix::unistd::{chown, setfsgid, setfsuid, Gid, Uid};
+use nix::unistd::{setfsgid, setfsuid, Gid, Uid};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -242,14 +241,8 @@ impl Helper {
 
     fn attach(&self, major: u32, minor: u32, access: Access, path: &Path) -> Result<()> {
         setns(&self.own, CloneFlags::CLONE_NEWNS)?;
-        let source = self.staging_node(path);
-        let _ = fs::remove_file(&source);
-        mknod(&source, SFlag::S_IFCHR, Mode::from_bits_truncate(access.mode), makedev(major.into(), minor.into()))
-            .with_context(|| format!("creating the staging node for {}", path.display()))?;
-        // mknod applies the umask; the mode must be exactly what was asked for.
-        fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(access.mode))?;
-        chown(&source, Some(Uid::from_raw(self.owner + access.uid)), Some(Gid::from_raw(self.owner + access.gid)))
-            .with_context(|| format!("setting the owner of {}", path.display()))?;
+        let node = Node { path: path.to_owned(), major, minor };
+        let source = crate::devices::stage_node(&self.staging, &node, access, self.owner)?;
         let tree = sys::open_tree_clone(&source).with_context(|| format!("cloning {}", source.display()))?;
         // setns leaves us at the namespace's root, which is the container's `/`.
         setns(&self.container, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
@@ -326,7 +319,7 @@ impl Helper {
     }
 
     fn staging_node(&self, path: &Path) -> PathBuf {
-        self.staging.join(path.to_string_lossy().trim_start_matches('/').replace('/', "-"))
+        self.staging.join(crate::devices::staging_name(path))
     }
 
     /// The container's file systems belong to its user namespace, where host root's ids do not

@@ -14,6 +14,7 @@ use crate::start_devices::StartDevices;
 use crate::terminal::Terminal;
 use crate::{capabilities, control, devcgroup, idmap, log, seccomp, signals, sys, systemd, watch};
 use anyhow::{Context, Result};
+use caps::CapsHashSet;
 use gpubox_control::ExecContext;
 use gpubox_definition::{Bind, Definition, Network, UserNamespace};
 use nix::sys::signal::{self, Signal};
@@ -56,9 +57,41 @@ pub fn run(
     driver: Option<gpubox_devices::driver::DriverFiles>,
     mode: &Mode,
 ) -> Result<i32> {
+    let capabilities = capabilities::for_container(&d.container)?;
+    let seccomp = seccomp::compile(&d.container.seccomp, &capabilities)?;
+    let mut plan = build_plan(d, &start, capabilities, seccomp);
+    let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
+    let owner = ids.as_ref().map_or(0, |i| i.host_base);
+    if plan.user_namespace {
+        check_reachable(&plan, owner)?;
+    }
+    let mut terminal = Terminal::for_stdio(owner)?;
+    if let Some(t) = &terminal {
+        plan.console = Some(t.slave_path.clone());
+        plan.terminal = t.slave.as_ref().map(|s| (s.as_raw_fd(), t.replaces.clone()));
+    }
+    let mut run_dir = RuntimeDir::create(&d.name, mode.systemd)?;
+    if let Some(files) = driver {
+        plan.driver = Some((files, run_dir.scratch("driver")?));
+    }
+    // Only for the devices of the start: later ones are staged by the mount helper.
+    let staging = if start.selection.nodes.is_empty() { None } else { Some(Staging::new(&run_dir.path, owner)?) };
+    let host = HostSide { staging: staging.as_ref(), owner, terminal: terminal.as_mut() };
+    let result = run_staged(d, &mut plan, start, host, mode);
+    if let Some(staging) = staging {
+        staging.remove();
+    }
+    result
+}
+
+/// The child's plan for a definition and the devices of its start: its environment (the
+/// devices' variables after the definition's, a driver's library path before the definition's
+/// own), its binds (the definition's, then the CDI mounts), and the rest as the definition says.
+/// Pure; what the host's side adds (the terminal, the staging nodes, the driver's files) comes
+/// after.
+fn build_plan(d: &Definition, start: &StartDevices, capabilities: CapsHashSet, seccomp: Option<Vec<u8>>) -> Plan {
     let selection = &start.selection;
     let c = &d.container;
-    let capabilities = capabilities::for_container(c)?;
     let mut environment = c.environment.clone();
     for (k, v) in &selection.env {
         // The definition's own library path stays, after the driver's.
@@ -78,7 +111,7 @@ pub fn run(
         read_only: m.options.iter().any(|o| o == "ro"),
         optional: false,
     }));
-    let plan = Plan {
+    Plan {
         root_directory: c.root_directory.clone(),
         read_only: c.read_only,
         hostname: c.hostname.clone(),
@@ -90,9 +123,9 @@ pub fn run(
         exec: c.exec.clone(),
         working_directory: c.working_directory.clone(),
         environment,
-        capabilities: capabilities.clone(),
+        capabilities,
         no_new_privileges: c.no_new_privileges,
-        seccomp: seccomp::compile(&c.seccomp, &capabilities)?,
+        seccomp,
         init: c.init,
         console: None,
         terminal: None,
@@ -100,30 +133,7 @@ pub fn run(
         driver: None,
         hidden: start.hidden.clone(),
         numa: start.numa.clone(),
-    };
-    let mut plan = plan;
-    let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
-    let owner = ids.as_ref().map_or(0, |i| i.host_base);
-    if plan.user_namespace {
-        check_reachable(&plan, owner)?;
     }
-    let mut terminal = Terminal::for_stdio(owner)?;
-    if let Some(t) = &terminal {
-        plan.console = Some(t.slave_path.clone());
-        plan.terminal = t.slave.as_ref().map(|s| (s.as_raw_fd(), t.replaces.clone()));
-    }
-    let mut run_dir = RuntimeDir::create(&d.name, mode.systemd)?;
-    if let Some(files) = driver {
-        plan.driver = Some((files, run_dir.scratch("driver")?));
-    }
-    // Only for the devices of the start: later ones are staged by the mount helper.
-    let staging = if selection.nodes.is_empty() { None } else { Some(Staging::new(&run_dir.path, owner)?) };
-    let host = HostSide { staging: staging.as_ref(), owner, terminal: terminal.as_mut() };
-    let result = run_staged(d, &mut plan, start, host, mode);
-    if let Some(staging) = staging {
-        staging.remove();
-    }
-    result
 }
 
 /// What the supervisor made on the host's side for the container before its start.
@@ -152,6 +162,10 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     let unit = cgroup.as_ref().filter(|c| c.delegated).and_then(|_| systemd::own_unit());
     // NUMA=yes under systemd: the unit's cpuset too, a bound the payload cannot widen.
     let numa_unit = unit.clone().filter(|_| plan.numa.is_some());
+    // What this start changes on the host's side (and what live changes add to the unit's
+    // DeviceAllow=), undone however it ends: HostChanges::drop.
+    let host_changes = HostChanges { cgroup, device_allow_unit: unit.clone(), numa_unit: numa_unit.clone() };
+    let cgroup = host_changes.cgroup.as_ref();
     if let (Some(unit), Some(binding)) = (&numa_unit, &plan.numa) {
         // The payload's own affinity and memory policy still bind it (child.rs); the unit's
         // cpuset is the hard bound on top, and its absence is worth a warning, not a failure.
@@ -162,10 +176,7 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     let mut allowed_by_systemd = Vec::new();
     if let (Some(unit), false) = (&unit, selection.nodes.is_empty()) {
         allowed_by_systemd = systemd::device_allow_entries(&selection.nodes, &[]);
-        if let Err(e) = systemd::set_device_allow_in_helper(unit, &allowed_by_systemd) {
-            cg_cleanup(cgroup);
-            return Err(e);
-        }
+        systemd::set_device_allow_in_helper(unit, &allowed_by_systemd)?;
     }
     let mut host_modes = Vec::new();
     // Made after the clone, in the container's namespace (Staging::make_in), before it goes on.
@@ -211,7 +222,7 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     // SAFETY: the supervisor is single-threaded here (checked at the top of this function, and
     // nothing since starts a thread: helpers are processes); the child only runs child::run,
     // which execs or _exits.
-    let pid = unsafe { sys::clone3(namespaces, cgroup.as_ref().map(AsRawFd::as_raw_fd)) }
+    let pid = unsafe { sys::clone3(namespaces, cgroup.map(AsRawFd::as_raw_fd)) }
         .context("creating the container's namespaces")?;
     if pid == 0 {
         drop((go_write, err_read, signals));
@@ -222,65 +233,30 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         t.slave = None;
         t.make_raw();
     }
+    // Killed and reaped on every way out before the payload's end is seen (ChildGuard::drop).
+    let mut child_guard = ChildGuard(Some(Pid::from_raw(pid)));
     let child = Pid::from_raw(pid);
     let mount_ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok().map(std::os::fd::OwnedFd::from);
-    let cleanup = cg_cleanup;
     if let Some(staging) = staging.filter(|_| !to_stage.is_empty()) {
-        let staged = match &mount_ns {
-            Some(ns) => staging.make_in(ns.as_fd(), &to_stage),
-            None => Err(anyhow::anyhow!("the container's mount namespace is gone")),
+        match &mount_ns {
+            Some(ns) => staging.make_in(ns.as_fd(), &to_stage)?,
+            None => anyhow::bail!("the container's mount namespace is gone"),
         };
-        if let Err(e) = staged {
-            let _ = signal::kill(child, Signal::SIGKILL);
-            let _ = waitpid(child, None);
-            if let Some(unit) = &unit {
-                let _ = systemd::set_device_allow(unit, &[]);
-            }
-            cleanup(cgroup);
-            return Err(e);
-        }
     }
 
     if plan.user_namespace {
         let map = format!("0 {owner} {}\n", idmap::SIZE);
-        let mapped = std::fs::write(format!("/proc/{pid}/uid_map"), &map)
+        std::fs::write(format!("/proc/{pid}/uid_map"), &map)
             .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), &map))
-            .context("writing the user-namespace id map");
-        if let Err(e) = mapped {
-            let _ = signal::kill(child, Signal::SIGKILL);
-            let _ = waitpid(child, None);
-            cleanup(cgroup);
-            return Err(e);
-        }
+            .context("writing the user-namespace id map")?;
     }
-    let revoke = |unit: &Option<String>| {
-        if let Some(unit) = unit {
-            if let Err(e) = systemd::set_device_allow(unit, &[]) {
-                log::warn(&format!("{e:#}"));
-            }
-        }
-        if let Some(unit) = &numa_unit {
-            if let Err(e) = systemd::set_numa(unit, None) {
-                log::warn(&format!("{e:#}"));
-            }
-        }
-    };
     // A write to `go` fails only when the child is gone already: its error pipe says why, and
     // the path below reads it, reaps the child and cleans up.
     let mut go = File::from(go_write);
     let _ = go.write_all(b"1");
     // While the child builds its file system: the device program only has to be in place
     // before the payload runs, and the child waits for the second byte before it execs.
-    let devices_filter = match cgroup.as_ref().map(|cg| devcgroup::DeviceFilter::attach(cg, &allowed)).transpose() {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = signal::kill(child, Signal::SIGKILL);
-            let _ = waitpid(child, None);
-            revoke(&unit);
-            cleanup(cgroup);
-            return Err(e);
-        }
-    };
+    let devices_filter = cgroup.map(|cg| devcgroup::DeviceFilter::attach(cg, &allowed)).transpose()?;
     if !plan.hooks_barrier {
         let _ = go.write_all(b"1");
     }
@@ -312,9 +288,6 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     };
     if let Some((code, message)) = failure {
         log::error(&message);
-        let _ = waitpid(child, None);
-        revoke(&unit);
-        cleanup(cgroup);
         return Ok(code);
     }
     log::info(&format!("started {} (pid {pid})", summary(&d.container.exec)));
@@ -338,21 +311,19 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         helper: None,
         owner,
         run_dir: RuntimeDir::path(&d.name),
-        cgroup_path: cgroup.as_ref().map(|c| c.payload.clone()),
+        cgroup_path: cgroup.map(|c| c.payload.clone()),
         devices_filter,
         base_allowed,
         unit: unit.clone(),
         device_group,
-        devices: start_devices,
-        nodes: selection.nodes.clone(),
+        ledger: crate::ledger::Ledger::with_start(start_devices, selection.nodes.clone()),
         followed: false,
         allowed_by_systemd,
-        stuck: Vec::new(),
         host_modes: host_modes.iter().filter_map(|(n, spec, mode)| FollowedNode::open(pid, n, spec, *mode)).collect(),
         held,
         exclusive: d.gpu.exclusive(),
         xid,
-        exec_context: exec_context(d, plan, pid, owner, cgroup.as_ref()),
+        exec_context: exec_context(d, plan, pid, owner, cgroup),
     }));
     // Containers with devices follow udev's events; one without gets there at its first attach.
     if !d.gpu.devices.is_empty() || d.gpu.count.is_some() {
@@ -360,7 +331,8 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     }
 
     let control = listener.as_ref().map(|l| (l, &live));
-    let (status, stopping) = wait(child, &signals, control, terminal.as_deref_mut(), cgroup.as_ref(), mode)?;
+    let (status, stopping) = wait(child, &signals, control, terminal.as_deref_mut(), cgroup, mode)?;
+    child_guard.0 = None;
     if let Some(t) = terminal {
         t.drain();
     }
@@ -383,8 +355,6 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
     if let Err(e) = hooks.run(&["poststop"], pid) {
         log::warn(&format!("{e:#}"));
     }
-    revoke(&unit);
-    cleanup(cgroup);
     let code = match status {
         WaitStatus::Exited(_, code) => code,
         WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
@@ -475,9 +445,44 @@ impl Drop for RuntimeDir {
     }
 }
 
-fn cg_cleanup(cgroup: Option<Cgroup>) {
-    if let Some(cg) = cgroup {
-        cg.remove();
+/// What a start changes on the host's side, undone when it is dropped, on every way out of
+/// [`run_staged`] (an error at any step, or the payload's end): the unit's `DeviceAllow=` and
+/// NUMA settings reset, then the payload's cgroup removed (killing what is left in it).
+struct HostChanges {
+    cgroup: Option<Cgroup>,
+    device_allow_unit: Option<String>,
+    numa_unit: Option<String>,
+}
+
+impl Drop for HostChanges {
+    fn drop(&mut self) {
+        if let Some(unit) = &self.device_allow_unit {
+            if let Err(e) = systemd::set_device_allow(unit, &[]) {
+                log::warn(&format!("{e:#}"));
+            }
+        }
+        if let Some(unit) = &self.numa_unit {
+            if let Err(e) = systemd::set_numa(unit, None) {
+                log::warn(&format!("{e:#}"));
+            }
+        }
+        if let Some(cg) = self.cgroup.take() {
+            cg.remove();
+        }
+    }
+}
+
+/// The container's first process until its end has been seen: killed and reaped when dropped
+/// (a failed start), so no error path can leave it behind. Declared after [`HostChanges`], so
+/// that it goes first and the cgroup is empty when that is removed.
+struct ChildGuard(Option<Pid>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            let _ = signal::kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, None);
+        }
     }
 }
 
@@ -603,5 +608,76 @@ fn summary(words: &[String]) -> String {
     match line.char_indices().nth(100) {
         Some((cut, _)) => format!("{}…", &line[..cut]),
         None => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpubox_devices::cdi::Mount;
+
+    fn definition(text: &str) -> Definition {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.gpubox");
+        std::fs::write(&path, text).unwrap();
+        gpubox_definition::Sources::from_file(&path).unwrap().load().unwrap()
+    }
+
+    /// The devices' environment comes after the definition's, a driver's library path before
+    /// the definition's own; CDI mounts follow the definition's binds, read-only where the
+    /// spec says `ro`; the rest is the definition's.
+    #[test]
+    fn the_plan_takes_the_definition_and_the_devices_of_the_start() {
+        let d = definition(
+            "[Container]\nExec=/bin/run a\nEnvironment=LD_LIBRARY_PATH=/opt/own FOO=1 NVIDIA_VISIBLE_DEVICES=void\n\
+             Bind=/srv/data:/data\nUserNamespace=host\nNetwork=host\nReadOnly=yes\nInit=yes\n",
+        );
+        let mut start = StartDevices::default();
+        start.selection.env =
+            vec![("LD_LIBRARY_PATH".into(), "/usr/lib/nvidia".into()), ("NVIDIA_VISIBLE_DEVICES".into(), "0".into())];
+        start.selection.mounts = vec![
+            Mount {
+                host_path: "/h/lib".into(),
+                container_path: "/usr/lib/x".into(),
+                options: vec!["ro".into(), "bind".into()],
+                kind: None,
+            },
+            Mount {
+                host_path: "/h/bin".into(),
+                container_path: "/usr/bin/y".into(),
+                options: vec!["bind".into()],
+                kind: None,
+            },
+        ];
+        let plan = build_plan(&d, &start, CapsHashSet::new(), Some(vec![1, 2]));
+        assert_eq!(
+            plan.environment,
+            [
+                ("FOO".to_owned(), "1".to_owned()),
+                ("LD_LIBRARY_PATH".into(), "/usr/lib/nvidia:/opt/own".into()),
+                ("NVIDIA_VISIBLE_DEVICES".into(), "0".into()),
+            ]
+        );
+        let binds: Vec<(&str, &str, bool)> = plan
+            .binds
+            .iter()
+            .map(|b| (b.source.to_str().unwrap(), b.destination.to_str().unwrap(), b.read_only))
+            .collect();
+        assert_eq!(
+            binds,
+            [("/srv/data", "/data", false), ("/h/lib", "/usr/lib/x", true), ("/h/bin", "/usr/bin/y", false)]
+        );
+        assert!(!plan.user_namespace && !plan.private_network && plan.read_only && plan.init);
+        assert_eq!(plan.exec, ["/bin/run", "a"]);
+        assert_eq!(plan.seccomp, Some(vec![1, 2]));
+        // Least privilege by default.
+        let plan = build_plan(
+            &definition("[Container]\nExec=/bin/true\n"),
+            &StartDevices::default(),
+            CapsHashSet::new(),
+            None,
+        );
+        assert!(plan.user_namespace && plan.private_network && plan.no_new_privileges && !plan.read_only);
+        assert!(plan.environment.is_empty() && plan.binds.is_empty() && plan.devices.is_empty());
     }
 }

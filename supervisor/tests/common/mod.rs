@@ -221,3 +221,25 @@ impl Drop for NvidiaStandIn {
         }
     }
 }
+
+/// Runs a copy of `program` as `uid` (and gid): a copy in a directory of its own that any user
+/// may run, whatever the build's umask made of target/. Another test thread's fork may hold the
+/// fresh copy open for writing a moment (ETXTBSY): tried again then.
+pub fn output_as(uid: u32, program: &Path, args: &[&str]) -> Output {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = dir.path().join(program.file_name().unwrap());
+    fs::copy(program, &copy).unwrap();
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+    (0..50)
+        .find_map(|_| match Command::new(&copy).args(args).uid(uid).gid(uid).output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                None
+            }
+            other => Some(other.unwrap()),
+        })
+        .expect("the copy stayed busy")
+}
