@@ -8,6 +8,10 @@ GENERATORDIR ?= $(LIBDIR)/systemd/system-generators
 UDEVRULESDIR ?= $(LIBDIR)/udev/rules.d
 SYSUSERSDIR ?= $(LIBDIR)/sysusers.d
 MANDIR ?= $(PREFIX)/share/man
+# Shell completion scripts, where each shell looks for those of packages.
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/vendor-completions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 DEFINITIONSDIR ?= /etc/gpubox
 CARGO ?= cargo
 PANDOC ?= pandoc
@@ -64,6 +68,11 @@ install: build man
 	for page in $(MANPAGES); do \
 		install -D -m 0644 $$page $(DESTDIR)$(MANDIR)/man$${page##*.}/$$(basename $$page); \
 	done
+	install -d $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) $(DESTDIR)$(FISHCOMPDIR)
+	$(TARGET_DIR)/release/gpuboxctl completions bash > $(DESTDIR)$(BASHCOMPDIR)/gpuboxctl
+	$(TARGET_DIR)/release/gpuboxctl completions zsh > $(DESTDIR)$(ZSHCOMPDIR)/_gpuboxctl
+	$(TARGET_DIR)/release/gpuboxctl completions fish > $(DESTDIR)$(FISHCOMPDIR)/gpuboxctl.fish
+	chmod 0644 $(DESTDIR)$(BASHCOMPDIR)/gpuboxctl $(DESTDIR)$(ZSHCOMPDIR)/_gpuboxctl $(DESTDIR)$(FISHCOMPDIR)/gpuboxctl.fish
 	install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
 	install -m 0644 examples/*.gpubox $(DESTDIR)$(DOCDIR)/examples/
 
@@ -73,6 +82,7 @@ uninstall:
 	rm -f $(DESTDIR)$(SYSTEMUNITDIR)/gpu@.service
 	rm -f $(addprefix $(DESTDIR)$(UDEVRULESDIR)/,$(notdir $(wildcard udev-rules/*.rules)))
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/gpubox.conf
+	rm -f $(DESTDIR)$(BASHCOMPDIR)/gpuboxctl $(DESTDIR)$(ZSHCOMPDIR)/_gpuboxctl $(DESTDIR)$(FISHCOMPDIR)/gpuboxctl.fish
 	for page in $(notdir $(MANPAGES)); do rm -f $(DESTDIR)$(MANDIR)/man$${page##*.}/$$page; done
 	rm -rf $(DESTDIR)$(DOCDIR)
 	@echo "Definitions in $(DESTDIR)$(DEFINITIONSDIR) are yours and were left in place."
