@@ -1,13 +1,11 @@
 //! Device nodes for the container. A host node bound into a user namespace keeps its host
 //! owner, so container root gets EACCES, and a node made with mknod inside a user namespace
 //! cannot be opened. What works is LXD's way: the supervisor, still privileged in the host's
-//! user namespace, makes a staging node with the container's owner and mode on a tmpfs of
-//! its own, and the child binds that into `/dev`.
-//!
-//! The staging tmpfs lives in the container's own mount namespace, at
-//! `/run/gpubox/NAME/devices` ([`Staging::make_in`]): the host sees an empty directory, and
-//! after the child's `pivot_root` the tmpfs goes with the old root; the nodes bound from it
-//! stay. Nothing is left mounted, whatever way the supervisor ends.
+//! user namespace, makes a staging node with the container's owner and mode, and that is bound
+//! in. [`stage_node`] is the one function that makes one: for the start's devices
+//! ([`Staging::make_in`], on a tmpfs in the container's own mount namespace, which the host
+//! never sees) and for the mount helper. See docs/architecture.md, "Staging: how a node becomes
+//! usable inside".
 
 use anyhow::{Context, Result};
 use gpubox_devices::{Node, NodeAccess};

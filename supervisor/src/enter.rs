@@ -1,20 +1,15 @@
-//! `gpuboxctl exec`: a command joins a running container with all of its confinement. `nsenter`
-//! gets a process into a container's namespaces but leaves it host root in every other way
-//! (full capabilities, no seccomp filter); this joins the payload's cgroup and namespaces and
-//! then goes through the payload's own last steps, [`child::confine`], with the context the
-//! supervisor recorded at the start (`ExecContext` on the control socket).
+//! `gpuboxctl exec`'s second half: a command joins a running container with all of the
+//! payload's confinement, its cgroup and namespaces and then [`child::confine`], taken from the
+//! context the supervisor recorded at the start (`ExecContext`), not from the definition.
+//! `nsenter` would leave it host root in every other way.
 //!
-//! `gpuboxctl` asks the supervisor for the context (a D-Bus client has threads) and execs
-//! `gpubox-supervisor enter FD` with the request on FD, so that this process is single-threaded,
-//! as joining a user namespace requires. Its shape, as `runc exec` and `machinectl shell`:
-//!
-//! - the process here stays on the host's side, never joins a namespace but the pid namespace
-//!   for its children, relays the terminal, forwards signals and passes the exit status on;
-//! - its child joins the payload's cgroup, then every namespace the payload has, becomes root
-//!   of the user namespace as the payload did, and is confined as the payload is;
-//! - with a terminal, it is a pseudo-terminal of the container's own devpts (so that `tty`,
-//!   `sudo` and job control work inside), opened through the container's root with every path
-//!   resolved inside it, and its slave taken from the master (`TIOCGPTPEER`), never by a path.
+//! This is `gpubox-supervisor enter FD`, exec'd by `gpuboxctl` so that it is single-threaded,
+//! as joining a user namespace requires. The process here stays on the host's side (relay,
+//! signals, exit status; not dumpable: it is host root and holds the terminal's master), and
+//! its child joins and executes. With a terminal, it is a pseudo-terminal of the container's
+//! own devpts, opened with every path resolved inside the container's root, and its slave taken
+//! from the master (`TIOCGPTPEER`), never by a path the payload could replace.
+//! See docs/architecture.md, "gpuboxctl exec: entering a running container".
 
 use crate::accounts::Account;
 use crate::child::{self, Failure, NOT_EXECUTABLE, NOT_FOUND, SETUP_FAILED};

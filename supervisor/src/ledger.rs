@@ -1,14 +1,9 @@
-//! What a container holds: its devices, each by the selector that brought it and how it came,
-//! the nodes they have inside, and their CDI mounts. Pure bookkeeping, with no system call:
-//! each change is first worked out here as the difference to apply (the nodes to allow, make
-//! and remove, the mounts to bind and unbind), applied by `live.rs` (the device cgroup,
-//! systemd, the mount helper), and recorded here only as far as it was applied. So the rules
-//! that matter most are tested without root: a node or a mount two devices share stays until
-//! the last of them goes; a node that would not go stays on record but is never allowed again;
-//! a half-done attach leaves no trace; a device whose nodes all left the host is forgotten.
-//!
-//! The start and the live changes share it: the start's devices are its first entries, and
-//! `gpubox_control::Device`, the wire form, is made only when the status is asked for.
+//! What a container holds: its devices (each by its selector and how it came), the nodes they
+//! have inside, and their CDI mounts. Pure bookkeeping, with no system call, so that the rules
+//! that matter most are unit tested without root: each change is planned here, applied by
+//! `live.rs`, and recorded here only as far as it was applied. A node that would not go stays
+//! on record but is never allowed again: its device may be gone and its numbers another's.
+//! See docs/architecture.md, "One device model".
 
 use gpubox_control::{Device, Origin};
 use gpubox_definition::Selector;

@@ -1,8 +1,9 @@
-//! A running container's devices, changed while it runs: `gpuboxctl attach/detach` and udev
-//! hotplug events come here through the control socket. Every change holds the lock, so
-//! requests are serialised, and runs permission first on attach (the device cgroup, and
-//! systemd's `DeviceAllow=`) and last on detach, so the container never sees a node it cannot
-//! open; a failed attach is rolled back whole.
+//! A running container's state and its device changes: `gpuboxctl attach`, `detach` and
+//! `hotplug` over the control socket, and the hotplug thread's reselections (watch.rs). Every
+//! change holds the lock, so requests are serialised, and applies the ledger's plan permission
+//! first (the device cgroup, systemd's `DeviceAllow=`): a node is allowed before it appears and
+//! refused before it goes. A failed attach is undone whole, and only what was applied is
+//! recorded. See docs/architecture.md, "Attach and detach" and "One device model".
 
 use crate::devcgroup::DeviceFilter;
 use crate::devices::Access;

@@ -1,21 +1,15 @@
-//! Device nodes mounted into and out of a running container.
+//! Device nodes and CDI mounts put into and taken out of a running container.
 //!
 //! A mount namespace can only be entered by a single-threaded process, and the supervisor
 //! runs threads once the control socket is up, so one helper process per container does it:
 //! `gpubox-supervisor mount-helper OWNER DIR`, with the container's mount namespace on fd 3,
-//! started at the first change and kept for the container's life — one exec per container, not one per event. It has a private mount
-//! namespace of its own with a tmpfs on `DIR` for staging nodes, and moves between that and the
-//! container's namespace: `mknod` the staging node with the container's owner and mode, take a
-//! detached copy of it (`open_tree`), enter the container's namespace and attach the copy at
-//! the node's path (`move_mount`). This works under the user namespace, where the container
-//! itself could not make or mount the node, and leaves nothing on the host however the helper
-//! ends: its tmpfs goes with its namespace.
-//!
-//! CDI mounts go the same way: a detached copy of the host path (`open_tree` with
-//! `AT_RECURSIVE`, made read-only with `mount_setattr` when asked), moved onto its path inside.
-//!
-//! Requests come on its stdin and answers go on its stdout, one JSON line each
-//! ([`HelperRequest`], [`HelperAnswer`] in messages.rs); the first answer says it is ready.
+//! started at the first change and kept for the container's life. It stages nodes on a tmpfs
+//! in a private mount namespace of its own, so nothing is left on the host however it ends,
+//! and moves detached copies (`open_tree`, `move_mount`) onto descriptors resolved inside the
+//! container's root, never onto a path the payload could swap. Every answer must come within
+//! 5 s, since a request holds the container's lock. Requests and answers are one JSON line
+//! each ([`HelperRequest`], [`HelperAnswer`] in messages.rs). See docs/architecture.md,
+//! "Attach and detach".
 
 use crate::devices::Access;
 use crate::in_root::{self, Kind};

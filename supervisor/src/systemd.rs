@@ -1,17 +1,13 @@
-//! The unit's `DeviceAllow=`, set through systemd's D-Bus API as a runtime property, so that
-//! systemd itself allows the container's devices on top of `DevicePolicy=closed`. Because
-//! systemd owns the rule, it survives `systemctl daemon-reload` — unlike device rules written
-//! behind systemd's back, which a reload wipes (the Docker + NVIDIA failure).
+//! The unit's `DeviceAllow=` (and, with `NUMA=yes`, `AllowedCPUs=`/`AllowedMemoryNodes=`),
+//! set through systemd's D-Bus API as runtime properties. Because systemd owns the rule, it
+//! survives `systemctl daemon-reload`, unlike device rules written behind systemd's back, which
+//! a reload wipes (the Docker + NVIDIA failure). systemd only bounds the unit, by device class
+//! for GPUs (`char-drm`, `char-nvidia-frontend`, …, kept until the container stops, so the next
+//! GPU of a kind needs no call); the exact set is the payload's own program (`devcgroup`).
 //!
-//! Two layers: systemd's program on the unit's cgroup bounds the unit, the supervisor's own
-//! program on the payload's cgroup (`devcgroup`) admits exactly the attached nodes. So systemd
-//! is given a GPU's node by its device class (`char-drm`, `char-nvidia-frontend`, …, the
-//! names in /proc/devices), kept until the container stops: the next GPU of a kind the
-//! container already had needs no call to systemd, which is most of a hotplug event's time.
-//! Any other node (a CDI device of another kind) is given by its path.
-//!
-//! zbus starts threads, so this runs only after the clone, while the child waits at the start
-//! barrier: the clone must happen in a single-threaded process.
+//! zbus starts threads and the clone must happen in a single-threaded process, so before the
+//! clone these calls run in a short-lived `gpubox-supervisor device-allow` or `numa-allow`
+//! process. See docs/architecture.md, "Device cgroup".
 
 use anyhow::{Context, Result};
 use gpubox_devices::Node;

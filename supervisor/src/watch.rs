@@ -1,18 +1,11 @@
-//! Hotplug. Every supervisor whose container has devices follows two sources of device events,
-//! as LXD does for its hotplugged devices:
-//! - the kernel's own uevents, the moment a GPU's node is made or removed: a container gets a
-//!   new GPU without waiting for udev, whose queue (rules for the driver's module and the
-//!   parent device, which come first) was most of a hotplug's latency;
-//! - udev's events for devices gpubox's rules tag `gpubox`, once udev has finished with them:
-//!   udev sets the host node's mode after the kernel made it, and the container's node follows
-//!   that mode (see `Live::follow_host_modes`); an event the kernel's stream lost (a full
-//!   socket buffer) is caught here too. udev's chmod itself is seen earlier still, by inotify on
-//!   the host node's directory, and the container's node follows at once.
-//!
-//! Either source leads to a reselection (see `Live::hotplug`), so a GPU is never attached
-//! twice, whichever event comes first. No process is started per event. The monitors are open
-//! before the first look at the devices, so nothing that happens after that look is missed.
-//! (`gpuboxctl hotplug` does the same by hand, over the control socket.)
+//! Hotplug: the thread that follows device events for a container with devices, as LXD does
+//! for its hotplugged devices, with no process per event. It hears udev's events on devices
+//! gpubox's rules tag `gpubox`; with `Hotplug=yes` also the kernel's own uevents (a new GPU
+//! without waiting for udev's queue) and inotify on the host nodes' directories (udev's chmod,
+//! which the container's nodes follow: `Live::follow_host_modes`); and the NVIDIA driver's Xid
+//! records in `/dev/kmsg`. Each burst is one reselection (`Live::hotplug`), so a GPU is never
+//! attached twice, whichever source is first; the monitors are open before the first look at
+//! the devices, so nothing after that look is missed. See docs/architecture.md, "Hotplug".
 
 use crate::live::Shared;
 use crate::log;
