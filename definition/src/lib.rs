@@ -15,6 +15,7 @@ pub mod words;
 pub use error::Error;
 pub use load::{check_name, SearchPath, Sources, DEFAULT_PATHS, PATH_VARIABLE, SUFFIX};
 pub use model::{
-    Bind, Container, Definition, Gpu, Install, Network, PassThrough, Seccomp, User, UserNamespace, KNOWN_CAPABILITIES,
+    parse_shm_size, Bind, Container, Definition, Gpu, Install, Network, PassThrough, Seccomp, User, UserNamespace,
+    DEFAULT_SHM_SIZE, KNOWN_CAPABILITIES,
 };
 pub use selector::{PciAddress, Selector};

@@ -60,7 +60,16 @@ pub struct Container {
     pub seccomp: Seccomp,
     pub no_new_privileges: bool,
     pub init: bool,
+    /// The size of the container's `/dev/shm`, as tmpfs's `size=` takes it (`8g`, `50%`).
+    pub shm_size: String,
 }
+
+/// `/dev/shm`'s size without `ShmSize=`: what tmpfs itself defaults to, and the host's own
+/// `/dev/shm` has, half the memory. Docker's and Podman's 64 MiB breaks PyTorch's data loaders
+/// (their workers pass batches through shared memory); and the size is a limit, not a
+/// reservation: pages are charged to the container's memory cgroup as they are written, so
+/// `MemoryMax=` bounds them whatever this says.
+pub const DEFAULT_SHM_SIZE: &str = "50%";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UserNamespace {
@@ -99,6 +108,9 @@ pub struct Bind {
     pub read_only: bool,
     /// `-SRC`: skip the bind when the source does not exist.
     pub optional: bool,
+    /// `SRC:DST:idmap`: files keep their ids as seen from inside the user namespace (an
+    /// idmapped mount), as Podman's `:idmap`.
+    pub idmap: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -146,6 +158,7 @@ impl Container {
             seccomp: Seccomp::Default,
             no_new_privileges: true,
             init: false,
+            shm_size: DEFAULT_SHM_SIZE.to_owned(),
         }
     }
 }
@@ -265,6 +278,7 @@ const KEYS: &[(&str, &str, Takes)] = &[
     ("Container", "Seccomp", Takes::One),
     ("Container", "NoNewPrivileges", Takes::One),
     ("Container", "Init", Takes::One),
+    ("Container", "ShmSize", Takes::One),
     ("GPU", "Device", Takes::List),
     ("GPU", "Optional", Takes::One),
     ("GPU", "Hotplug", Takes::One),
@@ -452,6 +466,10 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
         }
         ("Container", "NoNewPrivileges") => c.no_new_privileges = empty || k.boolean()?,
         ("Container", "Init") => c.init = !empty && k.boolean()?,
+        ("Container", "ShmSize") => {
+            c.shm_size =
+                if empty { DEFAULT_SHM_SIZE.to_owned() } else { parse_shm_size(&k.word()?).map_err(|e| k.error(e))? }
+        }
         ("GPU", "Device") => {
             if empty {
                 d.gpu.devices.clear();
@@ -528,6 +546,27 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
     Ok(())
 }
 
+/// `ShmSize=`: bytes, with a K, M, G or T suffix (1024-based, as systemd's sizes), or a
+/// percentage of the host's memory; as tmpfs's `size=` option takes them.
+pub fn parse_shm_size(v: &str) -> Result<String, String> {
+    let bad = || format!("'{v}': expected a size such as 512M, 8G or 50% (of the host's memory)");
+    if let Some(percent) = v.strip_suffix('%') {
+        return match percent.parse::<u32>() {
+            Ok(p) if (1..=100).contains(&p) => Ok(format!("{p}%")),
+            _ => Err(bad()),
+        };
+    }
+    let (number, unit) = match v.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&v[..i], Some(c.to_ascii_lowercase())),
+        _ => (v, None),
+    };
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    if n == 0 || !matches!(unit, None | Some('k' | 'm' | 'g' | 't')) {
+        return Err(bad());
+    }
+    Ok(format!("{n}{}", unit.map(String::from).unwrap_or_default()))
+}
+
 fn parse_user(k: &Key) -> Result<User, Error> {
     k.word()?.parse().map_err(|e: String| k.error(e))
 }
@@ -575,14 +614,26 @@ fn parse_bind(k: &Key, word: &str, read_only: bool) -> Result<Bind, Error> {
         Some(rest) => (true, rest),
         None => (false, word),
     };
-    let (source, destination) = match spec.split_once(':') {
-        Some((s, d)) => (s, d),
-        None => (spec, spec),
-    };
-    if destination.contains(':') {
-        return Err(k.error(format!("'{word}': expected SOURCE[:DESTINATION]")));
+    let mut parts = spec.splitn(3, ':');
+    let source = parts.next().unwrap_or_default();
+    let destination = parts.next().unwrap_or(source);
+    let mut idmap = false;
+    for option in parts.next().map(|o| o.split(',').collect::<Vec<_>>()).unwrap_or_default() {
+        match option {
+            "idmap" => idmap = true,
+            other => {
+                let expected = "expected SOURCE[:DESTINATION[:idmap]]";
+                return Err(k.error(format!("'{word}': unknown bind option '{other}' ({expected})")));
+            }
+        }
     }
-    Ok(Bind { source: k.absolute_path(source)?, destination: k.absolute_path(destination)?, read_only, optional })
+    Ok(Bind {
+        source: k.absolute_path(source)?,
+        destination: k.absolute_path(destination)?,
+        read_only,
+        optional,
+        idmap,
+    })
 }
 
 fn capability_name(word: &str) -> String {

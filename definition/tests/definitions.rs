@@ -111,9 +111,27 @@ RequiredBy=train.target
     assert_eq!(
         c.binds,
         [
-            Bind { source: "/srv/data".into(), destination: "/data".into(), read_only: false, optional: false },
-            Bind { source: "/srv/maybe".into(), destination: "/srv/maybe".into(), read_only: false, optional: true },
-            Bind { source: "/opt/models".into(), destination: "/opt/models".into(), read_only: true, optional: false },
+            Bind {
+                source: "/srv/data".into(),
+                destination: "/data".into(),
+                read_only: false,
+                optional: false,
+                idmap: false
+            },
+            Bind {
+                source: "/srv/maybe".into(),
+                destination: "/srv/maybe".into(),
+                read_only: false,
+                optional: true,
+                idmap: false
+            },
+            Bind {
+                source: "/opt/models".into(),
+                destination: "/opt/models".into(),
+                read_only: true,
+                optional: false,
+                idmap: false
+            },
         ]
     );
     assert_eq!(c.add_capabilities, ["CAP_SYS_NICE", "CAP_IPC_LOCK"]);

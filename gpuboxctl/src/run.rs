@@ -71,9 +71,13 @@ pub struct RunArgs {
     /// Bind a host path into the container (repeatable; Bind=): [-]SRC[:DST].
     #[arg(long = "bind", value_name = "SRC[:DST]")]
     pub binds: Vec<String>,
-    /// Docker's spelling of a bind (repeatable): SRC[:DST[:ro|rw]].
-    #[arg(short = 'v', long = "volume", value_name = "SRC[:DST[:ro]]")]
+    /// Docker's spelling of a bind (repeatable): SRC[:DST[:OPTIONS]], OPTIONS a comma-separated
+    /// list of ro, rw and idmap (files keep their ids as seen from inside, Podman's :idmap).
+    #[arg(short = 'v', long = "volume", value_name = "SRC[:DST[:ro,idmap]]")]
     pub volumes: Vec<String>,
+    /// The size of /dev/shm (ShmSize=): 512M, 8G, 50% of the host's memory (the default).
+    #[arg(long, value_name = "SIZE", value_parser = gpubox_definition::parse_shm_size)]
+    pub shm_size: Option<String>,
     /// Set an environment variable (repeatable); NAME alone passes on this environment's value.
     #[arg(short = 'e', long = "env", value_name = "NAME[=VALUE]", value_parser = env_assignment)]
     pub env: Vec<String>,
@@ -251,12 +255,24 @@ fn definition(args: &RunArgs) -> Result<String> {
         line("Bind", &absolute_bind_source(b)?)?;
     }
     for v in &args.volumes {
-        let (spec, read_only) = match v.rsplit_once(':') {
-            Some((spec, "ro")) => (spec, true),
-            Some((spec, "rw")) => (spec, false),
-            _ => (v.as_str(), false),
-        };
-        line(if read_only { "BindReadOnly" } else { "Bind" }, &absolute_bind_source(spec)?)?;
+        let mut parts = v.splitn(3, ':');
+        let source = parts.next().unwrap_or_default();
+        let destination = parts.next().unwrap_or(source);
+        let (mut read_only, mut idmap) = (false, false);
+        for option in parts.next().into_iter().flat_map(|o| o.split(',')) {
+            match option {
+                "ro" => read_only = true,
+                "rw" => read_only = false,
+                "idmap" => idmap = true,
+                other => bail!("-v {v}: unknown option '{other}' (ro, rw or idmap)"),
+            }
+        }
+        let spec = absolute_bind_source(&format!("{source}:{destination}"))?;
+        let spec = if idmap { format!("{spec}:idmap") } else { spec };
+        line(if read_only { "BindReadOnly" } else { "Bind" }, &spec)?;
+    }
+    if let Some(size) = &args.shm_size {
+        line("ShmSize", size)?;
     }
     for cap in &args.cap_add {
         line("AddCapability", cap)?;
@@ -746,6 +762,10 @@ mod options {
             "/srv/data:/data:ro",
             "-v",
             "/srv/out:/out",
+            "-v",
+            "/srv/home:/home:rw,idmap",
+            "--shm-size",
+            "8G",
             "-w",
             "/work",
             "-u",
@@ -780,6 +800,8 @@ mod options {
             "Environment=\"A=1\"",
             "BindReadOnly=\"/srv/data:/data\"",
             "Bind=\"/srv/out:/out\"",
+            "Bind=\"/srv/home:/home:idmap\"",
+            "ShmSize=\"8g\"",
             "WorkingDirectory=\"/work\"",
             "User=\"1000\"",
             "Init=yes",

@@ -22,6 +22,10 @@ use std::path::{Path, PathBuf};
 /// Everything the child needs, prepared by the supervisor before the clone.
 pub struct Plan {
     pub root_directory: Option<PathBuf>,
+    /// Where the child finds the root when it is an idmapped copy (idmapped.rs).
+    pub root_mount: Option<PathBuf>,
+    /// `/dev/shm`'s size, as tmpfs's `size=` takes it.
+    pub shm_size: String,
     pub read_only: bool,
     pub hostname: String,
     pub binds: Vec<Bind>,
@@ -127,6 +131,8 @@ fn setup_and_exec(plan: &Plan, go: OwnedFd, errors: &mut Option<File>) -> Result
     }
     rootfs::build(&Layout {
         root_directory: plan.root_directory.as_deref(),
+        root_mount: plan.root_mount.as_deref(),
+        shm_size: &plan.shm_size,
         read_only: plan.read_only,
         binds: &plan.binds,
         devices: &plan.devices,

@@ -13,6 +13,7 @@ mod driver_mounts;
 mod enter;
 mod hooks;
 mod idmap;
+mod idmapped;
 mod in_root;
 mod ledger;
 mod live;

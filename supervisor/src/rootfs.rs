@@ -17,6 +17,10 @@ use std::path::{Path, PathBuf};
 
 pub struct Layout<'a> {
     pub root_directory: Option<&'a Path>,
+    /// The root's idmapped copy, which the supervisor attached here (idmapped.rs), if it is one.
+    pub root_mount: Option<&'a Path>,
+    /// `/dev/shm`'s size, as tmpfs's `size=` takes it.
+    pub shm_size: &'a str,
     pub read_only: bool,
     pub binds: &'a [Bind],
     /// Device nodes: (staging node made for this container, path inside).
@@ -75,8 +79,10 @@ pub fn build(layout: &Layout) -> Result<()> {
 
     let root = match layout.root_directory {
         Some(dir) => {
+            let named = dir;
+            let dir = layout.root_mount.unwrap_or(dir);
             if !dir.is_dir() {
-                bail!("RootDirectory={} is not a directory", dir.display());
+                bail!("RootDirectory={} is not a directory", named.display());
             }
             bind(dir, dir, MsFlags::MS_REC)?;
             if layout.read_only {
@@ -253,7 +259,8 @@ fn dev(root: BorrowedFd, layout: &Layout) -> Result<()> {
     symlink("pts/ptmx", dev.join("ptmx"))?;
     let shm = dev.join("shm");
     fs::create_dir(&shm)?;
-    mnt(Some("shm"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777,size=65536k"))?;
+    let options = format!("mode=1777,size={}", layout.shm_size);
+    mnt(Some("shm"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(&options))?;
     for (link, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),

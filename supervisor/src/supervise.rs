@@ -62,6 +62,9 @@ pub fn run(
     let mut plan = build_plan(d, &start, capabilities, seccomp);
     let ids = if plan.user_namespace { Some(idmap::reserve(&d.name)?) } else { None };
     let owner = ids.as_ref().map_or(0, |i| i.host_base);
+    let mut run_dir = RuntimeDir::create(&d.name, mode.systemd)?;
+    // Under the user namespace, the root and `idmap` binds keep their ownership (idmapped.rs).
+    let idmaps = if plan.user_namespace { idmapped_trees(&mut plan, &mut run_dir)? } else { Vec::new() };
     if plan.user_namespace {
         check_reachable(&plan, owner)?;
     }
@@ -70,13 +73,12 @@ pub fn run(
         plan.console = Some(t.slave_path.clone());
         plan.terminal = t.slave.as_ref().map(|s| (s.as_raw_fd(), t.replaces.clone()));
     }
-    let mut run_dir = RuntimeDir::create(&d.name, mode.systemd)?;
     if let Some(files) = driver {
         plan.driver = Some((files, run_dir.scratch("driver")?));
     }
     // Only for the devices of the start: later ones are staged by the mount helper.
     let staging = if start.selection.nodes.is_empty() { None } else { Some(Staging::new(&run_dir.path, owner)?) };
-    let host = HostSide { staging: staging.as_ref(), owner, terminal: terminal.as_mut() };
+    let host = HostSide { staging: staging.as_ref(), owner, terminal: terminal.as_mut(), idmaps: &idmaps };
     let result = run_staged(d, &mut plan, start, host, mode);
     if let Some(staging) = staging {
         staging.remove();
@@ -110,9 +112,12 @@ fn build_plan(d: &Definition, start: &StartDevices, capabilities: CapsHashSet, s
         destination: m.container_path.clone(),
         read_only: m.options.iter().any(|o| o == "ro"),
         optional: false,
+        idmap: false,
     }));
     Plan {
         root_directory: c.root_directory.clone(),
+        root_mount: None,
+        shm_size: c.shm_size.clone(),
         read_only: c.read_only,
         hostname: c.hostname.clone(),
         binds,
@@ -144,10 +149,43 @@ struct HostSide<'a> {
     owner: u32,
     /// The container's own terminal, when run from one.
     terminal: Option<&'a mut Terminal>,
+    /// Trees to attach idmapped, once the user namespace has its ids.
+    idmaps: &'a [crate::idmapped::Idmap],
+}
+
+/// The root and the `idmap` binds, each made an idmapped copy at a mount point of the runtime
+/// directory, where the child takes it from: the plan is changed to point there.
+fn idmapped_trees(plan: &mut Plan, run_dir: &mut RuntimeDir) -> Result<Vec<crate::idmapped::Idmap>> {
+    let mut idmaps = Vec::new();
+    if let Some(root) = &plan.root_directory {
+        if !root.is_dir() {
+            anyhow::bail!("RootDirectory={} is not a directory", root.display());
+        }
+        let target = run_dir.scratch("root")?;
+        idmaps.push(crate::idmapped::Idmap {
+            what: format!("RootDirectory={}", root.display()),
+            source: root.clone(),
+            target: target.clone(),
+        });
+        plan.root_mount = Some(target);
+    }
+    for (i, bind) in plan.binds.iter_mut().enumerate().filter(|(_, b)| b.idmap) {
+        if bind.optional && !bind.source.exists() {
+            continue;
+        }
+        let target = run_dir.scratch(&format!("bind-{i}"))?;
+        idmaps.push(crate::idmapped::Idmap {
+            what: format!("Bind={}", bind.source.display()),
+            source: bind.source.clone(),
+            target: target.clone(),
+        });
+        bind.source = target;
+    }
+    Ok(idmaps)
 }
 
 fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSide, mode: &Mode) -> Result<i32> {
-    let HostSide { staging, owner, mut terminal } = host;
+    let HostSide { staging, owner, mut terminal, idmaps } = host;
     let StartDevices { selection, devices: start_devices, held, selectors, xid, .. } = start;
     let selection = &selection;
     let threads = signals::other_threads();
@@ -249,6 +287,14 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         std::fs::write(format!("/proc/{pid}/uid_map"), &map)
             .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), &map))
             .context("writing the user-namespace id map")?;
+        if !idmaps.is_empty() {
+            let userns =
+                File::open(format!("/proc/{pid}/ns/user")).context("opening the container's user namespace")?;
+            match &mount_ns {
+                Some(ns) => crate::idmapped::attach(ns.as_fd(), userns.as_fd(), idmaps)?,
+                None => anyhow::bail!("the container's mount namespace is gone"),
+            }
+        }
     }
     // A write to `go` fails only when the child is gone already: its error pipe says why, and
     // the path below reads it, reaps the child and cleans up.
@@ -369,7 +415,9 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
 /// The paths the child opens as the container's root (host uid `owner`), checked first for a
 /// clear error: the root, and the sources of binds that must be there.
 fn check_reachable(plan: &Plan, owner: u32) -> Result<()> {
-    let paths = plan.root_directory.iter().map(|r| ("RootDirectory".to_owned(), r.as_path())).chain(
+    // An idmapped root is reached through the runtime directory, as its own root.
+    let root = plan.root_directory.iter().filter(|_| plan.root_mount.is_none());
+    let paths = root.map(|r| ("RootDirectory".to_owned(), r.as_path())).chain(
         plan.binds
             .iter()
             .filter(|b| !b.optional)

@@ -71,8 +71,24 @@ pub fn mount_setattr_fd(tree: &std::os::fd::OwnedFd, set: u64) -> io::Result<()>
     mount_setattr(tree.as_raw_fd(), c"", (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint, set)
 }
 
+/// `MOUNT_ATTR_IDMAP` (linux/mount.h): the mount's ids are those of a user namespace.
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// Makes a detached tree (from `open_tree`), recursively, an idmapped mount with the ids of
+/// user namespace `userns` (an open `/proc/PID/ns/user`): a file owned by host uid 0 is owned
+/// by that namespace's root, and what its root writes is owned by host uid 0.
+pub fn mount_setattr_idmap(tree: &std::os::fd::OwnedFd, userns: std::os::fd::BorrowedFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let attr =
+        MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: userns.as_raw_fd() as u64 };
+    mount_setattr_with(tree.as_raw_fd(), c"", (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint, &attr)
+}
+
 fn mount_setattr(dirfd: RawFd, path: &std::ffi::CStr, flags: libc::c_uint, set: u64) -> io::Result<()> {
-    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    mount_setattr_with(dirfd, path, flags, &MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 })
+}
+
+fn mount_setattr_with(dirfd: RawFd, path: &std::ffi::CStr, flags: libc::c_uint, attr: &MountAttr) -> io::Result<()> {
     // SAFETY: path is NUL-terminated (with AT_EMPTY_PATH, dirfd is an open mount fd it names);
     // attr is a valid mount_attr of the size passed.
     let r = unsafe {
@@ -81,7 +97,7 @@ fn mount_setattr(dirfd: RawFd, path: &std::ffi::CStr, flags: libc::c_uint, set: 
             dirfd,
             path.as_ptr(),
             flags,
-            &attr as *const MountAttr,
+            attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
     };

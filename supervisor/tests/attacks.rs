@@ -6,25 +6,12 @@ use std::fs;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
 use common::*;
-
-/// A root of our own: busybox, with the directories the container's mounts need.
-fn busybox_root(parent: &Path) -> PathBuf {
-    let root = parent.join("root");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (tests/install-deps installs busybox-static)");
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    // As in every image: anyone may write in /tmp.
-    fs::set_permissions(root.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
-    root
-}
 
 /// Critical: `ioctl(0, TIOCSTI, …)` pushed a command into the terminal the container inherited,
 /// and the caller's shell ran it as root once the container was gone. The supervisor runs

@@ -243,3 +243,16 @@ pub fn output_as(uid: u32, program: &Path, args: &[&str]) -> Output {
         })
         .expect("the copy stayed busy")
 }
+
+/// A root of our own: busybox, with the directories the container's mounts need.
+pub fn busybox_root(parent: &Path) -> PathBuf {
+    let root = parent.join("root");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (tests/install-deps installs busybox-static)");
+    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    // As in every image: anyone may write in /tmp.
+    fs::set_permissions(root.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    root
+}

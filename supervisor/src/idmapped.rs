@@ -1,0 +1,89 @@
+//! Trees that keep their ownership under the user namespace: `RootDirectory=` and `Bind=`
+//! sources with the `idmap` option. An ordinary tree, made by host root (as every unpacked
+//! image is), is unusable to a container whose root is an unprivileged host id: its root cannot
+//! write `/root`, make a cache directory or a bind's mount point. An idmapped mount (Linux
+//! 5.12, `mount_setattr(MOUNT_ATTR_IDMAP)`) with the container's user namespace shows each file
+//! with its ids as seen from inside: a file of host root is root's inside, a file of uid 1000
+//! stays 1000's, and what container root writes is written as host root. Nothing is chowned.
+//!
+//! The supervisor makes them (only host root may), as detached copies of the host's trees
+//! made idmapped, and attaches them in the container's mount namespace at mount points in its
+//! runtime directory, which the child then takes as the root or the bind's source. A file
+//! system that cannot be idmapped fails the start, naming it. See docs/architecture.md.
+
+use crate::sys;
+use anyhow::{Context, Result};
+use nix::mount::{mount, MsFlags};
+use nix::sched::{setns, CloneFlags};
+use std::fs::File;
+use std::os::fd::BorrowedFd;
+use std::path::PathBuf;
+
+/// A host tree and where, in the container's mount namespace, its idmapped copy goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Idmap {
+    /// `RootDirectory=/srv/root` or `Bind=/srv/data`, for errors.
+    pub what: String,
+    pub source: PathBuf,
+    /// A directory in the container's runtime directory (reachable by the container's root).
+    pub target: PathBuf,
+}
+
+/// Attaches each tree, idmapped with the user namespace `userns`, at its target in the
+/// container's mount namespace `ns`. Must run single-threaded (setns of a mount namespace).
+pub fn attach(ns: BorrowedFd, userns: BorrowedFd, maps: &[Idmap]) -> Result<()> {
+    let mut trees = Vec::new();
+    for m in maps {
+        let tree = sys::open_tree_clone_recursive(&m.source).with_context(|| format!("{}: cloning it", m.what))?;
+        sys::mount_setattr_idmap(&tree, userns).map_err(|e| cannot_idmap(m, e))?;
+        trees.push(tree);
+    }
+    let own = File::open("/proc/self/ns/mnt").context("opening the supervisor's mount namespace")?;
+    setns(ns, CloneFlags::CLONE_NEWNS).context("entering the container's mount namespace")?;
+    let attached = (|| {
+        // Nothing attached here may propagate to the host's mounts.
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+            .context("making the container's mounts private")?;
+        for (m, tree) in maps.iter().zip(&trees) {
+            // The supervisor's own directory, by descriptor: no link is followed to it.
+            let target = nix::fcntl::open(
+                &m.target,
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_NOFOLLOW,
+                nix::sys::stat::Mode::empty(),
+            )
+            .with_context(|| format!("opening {}", m.target.display()))?;
+            sys::move_mount_onto(tree, &target).with_context(|| format!("{}: attaching its idmapped copy", m.what))?;
+        }
+        Ok(())
+    })();
+    setns(&own, CloneFlags::CLONE_NEWNS).context("returning to the supervisor's mount namespace")?;
+    attached
+}
+
+/// The clear error for a tree whose file system cannot be idmapped (or a kernel without them).
+fn cannot_idmap(m: &Idmap, e: std::io::Error) -> anyhow::Error {
+    let fs = fs_type(&m.source).unwrap_or_else(|| "unknown".into());
+    anyhow::anyhow!(
+        "{}: its file system ({fs}) cannot be idmapped here ({e}); gpubox does not chown a tree to fit \
+         the user namespace: put it on a file system that can be (ext4, xfs, btrfs, tmpfs on Linux \
+         6.3+, …), or use UserNamespace=host",
+        m.what
+    )
+}
+
+/// The type of the file system `path` is on, from /proc/self/mountinfo (the mount whose mount
+/// point is the longest prefix of the path).
+fn fs_type(path: &std::path::Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (head, tail) = l.split_once(" - ")?;
+            let point = head.split(' ').nth(4)?;
+            Some((PathBuf::from(point.replace("\\040", " ")), tail.split(' ').next()?.to_owned()))
+        })
+        .filter(|(point, _)| path.starts_with(point))
+        .max_by_key(|(point, _)| point.components().count())
+        .map(|(_, fs)| fs)
+}
