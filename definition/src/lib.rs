@@ -4,6 +4,7 @@
 
 pub mod cdi_name;
 mod error;
+pub mod image_ref;
 mod load;
 mod model;
 pub mod selector;
@@ -13,9 +14,10 @@ pub mod timespan;
 pub mod words;
 
 pub use error::Error;
+pub use image_ref::ImageRef;
 pub use load::{check_name, SearchPath, Sources, DEFAULT_PATHS, PATH_VARIABLE, SUFFIX};
 pub use model::{
-    parse_shm_size, Bind, Container, Definition, Gpu, Install, Network, PassThrough, Seccomp, User, UserNamespace,
-    DEFAULT_SHM_SIZE, KNOWN_CAPABILITIES,
+    parse_shm_size, Bind, Container, Definition, Gpu, Install, Network, PassThrough, Pull, Seccomp, User,
+    UserNamespace, DEFAULT_SHM_SIZE, KNOWN_CAPABILITIES,
 };
 pub use selector::{PciAddress, Selector};

@@ -2,6 +2,7 @@
 //! assignments combine (systemd's rules: lists append, an empty value resets; a single-valued
 //! key set twice in one file is a mistake, while a later drop-in overrides it).
 
+use crate::image_ref::ImageRef;
 use crate::selector::Selector;
 use crate::syntax::Assignment;
 use crate::words::{self, Specifiers};
@@ -43,8 +44,14 @@ pub struct Install {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Container {
-    /// `None`: the host's `/`, read-only.
+    /// `None` (and no `Image=`): the host's `/`, read-only.
     pub root_directory: Option<PathBuf>,
+    /// `Image=`: the root is the image's layers under a writable layer of the container's own.
+    pub image: Option<ImageRef>,
+    /// `Pull=`: when to fetch `Image=`.
+    pub pull: Pull,
+    /// `Ephemeral=`: the container's writable layer is thrown away at its stop (the default).
+    pub ephemeral: bool,
     pub exec: Vec<String>,
     pub working_directory: Option<PathBuf>,
     pub environment: Vec<(String, String)>,
@@ -70,6 +77,27 @@ pub struct Container {
 /// reservation: pages are charged to the container's memory cgroup as they are written, so
 /// `MemoryMax=` bounds them whatever this says.
 pub const DEFAULT_SHM_SIZE: &str = "50%";
+
+/// `Pull=`, as Podman's `--pull` and Quadlet's `Pull=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pull {
+    /// Fetch the image when the store does not have it.
+    Missing,
+    /// Fetch it at every start (layers the store has are not fetched again).
+    Always,
+    /// Never fetch it: a start without it fails.
+    Never,
+}
+
+impl Pull {
+    pub fn word(self) -> &'static str {
+        match self {
+            Pull::Missing => "missing",
+            Pull::Always => "always",
+            Pull::Never => "never",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UserNamespace {
@@ -144,6 +172,9 @@ impl Container {
     fn new(name: &str) -> Self {
         Container {
             root_directory: None,
+            image: None,
+            pull: Pull::Missing,
+            ephemeral: true,
             exec: Vec::new(),
             working_directory: None,
             environment: Vec::new(),
@@ -176,7 +207,7 @@ const MANAGED_SERVICE_KEYS: &[(&str, &str)] = &[
     ("Group", "use [Container] User="),
     ("DynamicUser", "use [Container] UserNamespace="),
     ("RootDirectory", "use [Container] RootDirectory="),
-    ("RootImage", "use [Container] RootDirectory="),
+    ("RootImage", "use [Container] Image="),
     ("PrivateUsers", "use [Container] UserNamespace="),
     ("PrivateDevices", "use [GPU] Device="),
     ("CapabilityBoundingSet", "the supervisor needs its capabilities; use [Container] AddCapability=/DropCapability="),
@@ -226,8 +257,16 @@ pub(crate) fn build_all(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> (De
         }
     }
 
-    if d.container.exec.is_empty() && !exec_failed {
-        let path = files.first().map(|(p, _)| p.clone()).unwrap_or_default();
+    let first_file = || files.first().map(|(p, _)| p.clone()).unwrap_or_default();
+    if d.container.image.is_some() && d.container.root_directory.is_some() {
+        errors.push(Error::Definition {
+            path: first_file(),
+            message: "[Container] Image= and RootDirectory= do not go together: the root is one or the other".into(),
+        });
+    }
+    // An image's own command (Entrypoint and Cmd) stands in for Exec=.
+    if d.container.exec.is_empty() && !exec_failed && d.container.image.is_none() {
+        let path = first_file();
         errors.push(match exec_at {
             Some((path, line)) => Error::Key {
                 path,
@@ -243,7 +282,7 @@ pub(crate) fn build_all(name: &str, files: &[(PathBuf, Vec<Assignment>)]) -> (De
     }
     if d.gpu.count.is_some() && d.gpu.hotplug {
         errors.push(Error::Definition {
-            path: files.first().map(|(p, _)| p.clone()).unwrap_or_default(),
+            path: first_file(),
             message: "[GPU] Count= and Hotplug=yes do not go together: a job keeps the GPUs it was given".into(),
         });
     }
@@ -263,6 +302,9 @@ enum Takes {
 /// from here (a test checks that `apply` handles exactly these).
 const KEYS: &[(&str, &str, Takes)] = &[
     ("Container", "RootDirectory", Takes::One),
+    ("Container", "Image", Takes::One),
+    ("Container", "Pull", Takes::One),
+    ("Container", "Ephemeral", Takes::One),
     ("Container", "Exec", Takes::One),
     ("Container", "WorkingDirectory", Takes::One),
     ("Container", "Environment", Takes::List),
@@ -385,6 +427,17 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
         ("Container", "RootDirectory") => {
             c.root_directory = if empty { None } else { Some(k.absolute_path(&k.word()?)?) }
         }
+        ("Container", "Image") => {
+            c.image = if empty { None } else { Some(k.word()?.parse::<ImageRef>().map_err(|e| k.error(e))?) }
+        }
+        ("Container", "Pull") => {
+            c.pull = if empty {
+                Pull::Missing
+            } else {
+                k.choice(&[("missing", Pull::Missing), ("always", Pull::Always), ("never", Pull::Never)])?
+            }
+        }
+        ("Container", "Ephemeral") => c.ephemeral = empty || k.boolean()?,
         ("Container", "Exec") => c.exec = k.words()?,
         ("Container", "WorkingDirectory") => {
             c.working_directory = if empty { None } else { Some(k.absolute_path(&k.word()?)?) }
@@ -762,8 +815,24 @@ mod tests {
         }
         let errors = errors_of("[Container]\nExec=/bin/true\nFrobnicate=1\n");
         assert!(
-            errors[0].contains("unknown key in [Container]") && errors[0].contains("RootDirectory, Exec,"),
+            errors[0].contains("unknown key in [Container]")
+                && errors[0].contains("RootDirectory, Image, Pull, Ephemeral, Exec,"),
             "{errors:?}"
         );
+    }
+
+    /// `Image=`: its reference checked where it is written, exclusive with `RootDirectory=`,
+    /// and the image's own command standing in for `Exec=`.
+    #[test]
+    fn image_keys() {
+        assert!(errors_of("[Container]\nImage=busybox\n").is_empty(), "no Exec= needed with an image");
+        let e = errors_of("[Container]\nImage=busybox\nRootDirectory=/srv/root\n");
+        assert!(e.iter().any(|e| e.contains("Image= and RootDirectory= do not go together")), "{e:?}");
+        let e = errors_of("[Container]\nImage=Busybox\n");
+        assert!(e[0].contains("t.gpubox:2") && e[0].contains("Image") && e[0].contains("lowercase"), "{e:?}");
+        let e = errors_of("[Container]\nImage=busybox\nPull=sometimes\n");
+        assert!(e[0].contains("expected one of missing, always, never"), "{e:?}");
+        let e = errors_of("[Container]\nExec=/bin/true\nEphemeral=perhaps\n");
+        assert!(e[0].contains("boolean"), "{e:?}");
     }
 }

@@ -2,7 +2,7 @@
 //! `TARGET.wants/` links that `[Install]` asks for (a generator cannot rely on
 //! `systemctl enable`). Pure: no D-Bus, no device probing, only the definition files.
 
-use gpubox_definition::{Definition, Selector};
+use gpubox_definition::{Definition, Pull, Selector};
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +38,10 @@ pub fn generate(d: &Definition, template: &Path) -> Generated {
             let _ = writeln!(text, "Wants={device}");
         }
         let _ = writeln!(text, "After={device}");
+    }
+    // An image that may be pulled needs the network up (Quadlet's rule for Image=).
+    if d.container.image.as_ref().is_some_and(|i| i.is_remote()) && d.container.pull != Pull::Never {
+        let _ = writeln!(text, "Wants=network-online.target\nAfter=network-online.target");
     }
     for line in &d.unit {
         let _ = writeln!(text, "{}={}", line.key, line.value);

@@ -4,6 +4,7 @@
 
 mod complete;
 mod exec;
+mod image;
 mod run;
 mod usage;
 mod validate;
@@ -89,6 +90,9 @@ enum Command {
     },
     /// Every GPU this host has, from every backend, and the selectors that name it.
     Devices,
+    /// The image store: pull, import, list, remove, prune (root only).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Checks definitions as the generator and supervisor would (all of them when no FILE is given).
     Validate { files: Vec<PathBuf> },
 }
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
         Command::Detach { name, selector } => with_client(&name, cli.json, false, |c| c.detach(&selector)),
         Command::Hotplug { action, devnode } => Ok(hotplug(&action, &devnode)),
         Command::Devices => devices(cli.json),
+        Command::Image(command) => image::run(command, cli.json),
         Command::Exec(args) => exec::exec(args),
         Command::Logs { name, follow, lines, since } => logs(&name, follow, lines, since.as_deref()),
         Command::Shell { name, user } => exec::exec(exec::ExecArgs {

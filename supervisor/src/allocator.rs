@@ -70,10 +70,11 @@ pub fn hold_all(name: &str, candidates: &[Candidate], exclusive: bool) -> Result
     Ok(held)
 }
 
-/// A stop (SIGTERM or SIGINT, the signal's number) that came while the start waited for GPUs.
+/// A stop (SIGTERM or SIGINT, the signal's number) that came before the container started: while it
+/// waited for GPUs or fetched its image.
 #[derive(Debug, thiserror::Error)]
-#[error("stopped by signal {0} while waiting for GPUs")]
-pub struct Stopped(pub i32);
+#[error("stopped by signal {0} while {1}")]
+pub struct Stopped(pub i32, pub &'static str);
 
 /// SIGTERM or SIGINT pending (they are blocked from the start, see signals.rs), taken.
 pub fn stop_requested() -> Option<i32> {
@@ -159,7 +160,7 @@ pub fn allocate(
             )
         };
         if let Some(sig) = stop_requested() {
-            return Err(Stopped(sig).into());
+            return Err(Stopped(sig, "waiting for GPUs").into());
         }
         if timeout.is_some_and(|t| started.elapsed() >= t) {
             bail!(

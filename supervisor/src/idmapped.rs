@@ -29,12 +29,75 @@ pub struct Idmap {
     pub target: PathBuf,
 }
 
+/// An image's root (image.rs): its layers stacked by overlayfs under the container's
+/// writable layer, mounted at `target` in the container's mount namespace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Overlay {
+    /// `Image=…`, for errors.
+    pub what: String,
+    /// Top first. Under the user namespace, the layers' idmapped copies.
+    pub lower: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub target: PathBuf,
+    /// Under the user namespace, the host id of the container's root: the overlay is mounted
+    /// with it as its file-system id, because overlayfs works in its layers with its mounter's
+    /// credentials (copy-up, whiteouts, its work directory), and through idmapped layers only
+    /// an id the idmapping maps can create a file. The capabilities stay the supervisor's.
+    pub creator: Option<u32>,
+}
+
+impl Overlay {
+    fn mount(&self) -> Result<()> {
+        let Some(id) = self.creator else { return self.mount_now() };
+        // SAFETY: setfsuid/setfsgid only change this (single-threaded) process's file-system
+        // ids; they are set back below whatever the mount did.
+        unsafe {
+            libc::setfsgid(id);
+            libc::setfsuid(id);
+        }
+        // A file-system id other than 0 drops the file capabilities from the effective set
+        // (capabilities(7)); they are still permitted, and overlayfs needs them to copy files up
+        // whoever owns them.
+        let restored = caps::read(None, caps::CapSet::Permitted)
+            .and_then(|permitted| caps::set(None, caps::CapSet::Effective, &permitted));
+        let mounted = restored.map_err(anyhow::Error::from).and_then(|_| self.mount_now());
+        // SAFETY: as above; back to root's file-system ids.
+        unsafe {
+            libc::setfsuid(0);
+            libc::setfsgid(0);
+        }
+        let permitted = caps::read(None, caps::CapSet::Permitted)?;
+        caps::set(None, caps::CapSet::Effective, &permitted)?;
+        mounted
+    }
+
+    fn mount_now(&self) -> Result<()> {
+        let lower: Vec<String> = self.lower.iter().map(|l| l.display().to_string()).collect();
+        let options =
+            format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), self.upper.display(), self.work.display());
+        mount(Some("overlay"), &self.target, Some("overlay"), MsFlags::MS_NODEV, Some(options.as_str())).with_context(
+            || {
+                format!(
+                    "{}: mounting its layers with overlayfs (the store, {}, must be on a file system overlayfs \
+                     can take as upper layer: ext4, xfs, btrfs, not overlayfs itself)",
+                    self.what,
+                    gpubox_images::Store::open_default().map(|s| s.root().display().to_string()).unwrap_or_default()
+                )
+            },
+        )
+    }
+}
+
 /// Attaches each tree, idmapped with the user namespace `userns`, at its target in the
-/// container's mount namespace `ns`. Must run single-threaded (setns of a mount namespace).
-pub fn attach(ns: BorrowedFd, userns: BorrowedFd, maps: &[Idmap]) -> Result<()> {
+/// container's mount namespace `ns`, then mounts an image's overlay there (on the idmapped
+/// copies of its layers under the user namespace, on the store's own without). Must run
+/// single-threaded (setns of a mount namespace).
+pub fn attach(ns: BorrowedFd, userns: Option<BorrowedFd>, maps: &[Idmap], overlay: Option<&Overlay>) -> Result<()> {
     let mut trees = Vec::new();
     for m in maps {
         let tree = sys::open_tree_clone_recursive(&m.source).with_context(|| format!("{}: cloning it", m.what))?;
+        let userns = userns.context("an idmapped tree without a user namespace")?;
         sys::mount_setattr_idmap(&tree, userns).map_err(|e| cannot_idmap(m, e))?;
         trees.push(tree);
     }
@@ -54,7 +117,7 @@ pub fn attach(ns: BorrowedFd, userns: BorrowedFd, maps: &[Idmap]) -> Result<()> 
             .with_context(|| format!("opening {}", m.target.display()))?;
             sys::move_mount_onto(tree, &target).with_context(|| format!("{}: attaching its idmapped copy", m.what))?;
         }
-        Ok(())
+        overlay.map_or(Ok(()), Overlay::mount)
     })();
     setns(&own, CloneFlags::CLONE_NEWNS).context("returning to the supervisor's mount namespace")?;
     attached

@@ -14,6 +14,7 @@ mod enter;
 mod hooks;
 mod idmap;
 mod idmapped;
+mod image;
 mod in_root;
 mod ledger;
 mod live;
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
         ["run", name] if !name.starts_with('-') => Target::Name(name.to_owned()),
         // The supervisor's own helpers (see mount_helper.rs, systemd.rs); not for people.
         ["mount-helper", owner, dir] => return helper(|| mount_helper::serve(owner.parse()?, dir.as_ref())),
+        ["fetch-image", reference] => return helper(|| image::fetch(reference)),
         ["nvidia-topology", ref buses @ ..] => {
             let buses: Vec<String> = buses.iter().map(|b| b.to_string()).collect();
             return helper(|| nvidia_topology::print(&buses));
@@ -154,12 +156,14 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
     if !nix::unistd::geteuid().is_root() {
         bail!("gpubox-supervisor must run as root (it creates namespaces, mounts and cgroups)");
     }
-    let definition = match target {
+    let mut definition = match target {
         Target::Name(name) => SearchPath::from_env().load(name)?,
         Target::File(file) => Sources::from_file(file)?.load()?,
     };
     // One supervisor per name, from here on (before GPUs are allocated under that name).
     let _name = idmap::claim_name(&definition.name)?;
+    // Fetched before GPUs are taken: a long pull holds none. Its config fills in the definition.
+    let image = image::prepare(&mut definition)?;
     let start = start_devices::prepare(&definition, |waiting| {
         log::info(waiting);
         // systemd keeps the unit "activating" while this waits, and must not time it out.
@@ -170,12 +174,20 @@ fn run(target: &Target, mode: &supervise::Mode) -> Result<i32> {
     })?;
     // The host's root already has the driver; a root of our own gets it.
     let mut driver = None;
-    if definition.gpu.driver_libraries && definition.container.root_directory.is_some() {
+    let own_root = definition.container.root_directory.is_some() || image.is_some();
+    if definition.gpu.driver_libraries && own_root {
         match gpubox_devices::driver::nvidia() {
             Ok(files) => driver = Some(files),
             Err(e) if definition.gpu.optional => log::warn(&format!("{e}; starting without it (Optional=yes)")),
             Err(e) => bail!(e),
         }
     }
-    supervise::run(&definition, start, driver, mode).context("running the container")
+    let result = supervise::run(&definition, start, driver, image.as_ref(), mode).context("running the container");
+    if let Some(image) = image {
+        // An ephemeral writable layer goes with the container.
+        if let Err(e) = image.writable.finish() {
+            log::warn(&format!("removing the container's writable layer: {e}"));
+        }
+    }
+    result
 }

@@ -55,6 +55,7 @@ pub fn run(
     d: &Definition,
     start: StartDevices,
     driver: Option<gpubox_devices::driver::DriverFiles>,
+    image: Option<&crate::image::ImageRoot>,
     mode: &Mode,
 ) -> Result<i32> {
     let capabilities = capabilities::for_container(&d.container)?;
@@ -64,7 +65,8 @@ pub fn run(
     let owner = ids.as_ref().map_or(0, |i| i.host_base);
     let mut run_dir = RuntimeDir::create(&d.name, mode.systemd)?;
     // Under the user namespace, the root and `idmap` binds keep their ownership (idmapped.rs).
-    let idmaps = if plan.user_namespace { idmapped_trees(&mut plan, &mut run_dir)? } else { Vec::new() };
+    let mut idmaps = if plan.user_namespace { idmapped_trees(&mut plan, &mut run_dir)? } else { Vec::new() };
+    let overlay = image.map(|i| image_root(i, &mut plan, &mut run_dir, &mut idmaps, owner)).transpose()?;
     if plan.user_namespace {
         check_reachable(&plan, owner)?;
     }
@@ -78,7 +80,19 @@ pub fn run(
     }
     // Only for the devices of the start: later ones are staged by the mount helper.
     let staging = if start.selection.nodes.is_empty() { None } else { Some(Staging::new(&run_dir.path, owner)?) };
-    let host = HostSide { staging: staging.as_ref(), owner, terminal: terminal.as_mut(), idmaps: &idmaps };
+    // User= is looked up in the image's /etc/passwd as the container will see it.
+    let accounts_root = match image {
+        Some(i) => i.dir_with("etc/passwd"),
+        None => d.container.root_directory.clone(),
+    };
+    let host = HostSide {
+        staging: staging.as_ref(),
+        owner,
+        terminal: terminal.as_mut(),
+        idmaps: &idmaps,
+        overlay: overlay.as_ref(),
+        accounts_root: accounts_root.as_deref(),
+    };
     let result = run_staged(d, &mut plan, start, host, mode);
     if let Some(staging) = staging {
         staging.remove();
@@ -151,6 +165,60 @@ struct HostSide<'a> {
     terminal: Option<&'a mut Terminal>,
     /// Trees to attach idmapped, once the user namespace has its ids.
     idmaps: &'a [crate::idmapped::Idmap],
+    /// An image's root, mounted after them.
+    overlay: Option<&'a crate::idmapped::Overlay>,
+    /// Where the container's `/etc/passwd` is read from on the host's side.
+    accounts_root: Option<&'a std::path::Path>,
+}
+
+/// An image's root: mounted by overlayfs at a mount point of the runtime directory, which the
+/// plan takes as its root; under the user namespace, over idmapped copies of the layers and
+/// of the writable layer, so that files keep their ids as seen from inside (idmapped.rs).
+fn image_root(
+    image: &crate::image::ImageRoot,
+    plan: &mut Plan,
+    run_dir: &mut RuntimeDir,
+    idmaps: &mut Vec<crate::idmapped::Idmap>,
+    owner: u32,
+) -> Result<crate::idmapped::Overlay> {
+    let target = run_dir.scratch("root")?;
+    plan.root_directory = Some(target.clone());
+    plan.root_mount = Some(target.clone());
+    let w = &image.writable;
+    if !plan.user_namespace {
+        return Ok(crate::idmapped::Overlay {
+            what: image.what.clone(),
+            lower: image.lower.clone(),
+            upper: w.upper.clone(),
+            work: w.work.clone(),
+            target,
+            creator: None,
+        });
+    }
+    let mut lower = Vec::new();
+    for (i, layer) in image.lower.iter().enumerate() {
+        let at = run_dir.scratch(&format!("layer-{i}"))?;
+        idmaps.push(crate::idmapped::Idmap {
+            what: format!("{}: layer {i}", image.what),
+            source: layer.clone(),
+            target: at.clone(),
+        });
+        lower.push(at);
+    }
+    let rw = run_dir.scratch("rw")?;
+    idmaps.push(crate::idmapped::Idmap {
+        what: format!("{}: writable layer", image.what),
+        source: w.dir.clone(),
+        target: rw.clone(),
+    });
+    Ok(crate::idmapped::Overlay {
+        what: image.what.clone(),
+        lower,
+        upper: rw.join("upper"),
+        work: rw.join("work"),
+        target,
+        creator: Some(owner),
+    })
 }
 
 /// The root and the `idmap` binds, each made an idmapped copy at a mount point of the runtime
@@ -185,14 +253,14 @@ fn idmapped_trees(plan: &mut Plan, run_dir: &mut RuntimeDir) -> Result<Vec<crate
 }
 
 fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSide, mode: &Mode) -> Result<i32> {
-    let HostSide { staging, owner, mut terminal, idmaps } = host;
+    let HostSide { staging, owner, mut terminal, idmaps, overlay, accounts_root } = host;
     let StartDevices { selection, devices: start_devices, held, selectors, xid, .. } = start;
     let selection = &selection;
     let threads = signals::other_threads();
     if !threads.is_empty() {
         anyhow::bail!("the supervisor has other threads before the clone ({}); refusing to fork", threads.join(", "));
     }
-    let device_group = crate::devices::device_group(d.container.user.as_ref(), d.container.root_directory.as_deref());
+    let device_group = crate::devices::device_group(d.container.user.as_ref(), accounts_root);
     let cgroup = Cgroup::create(&d.name, mode.systemd)?;
     // Under systemd, systemd grants the nodes (DeviceAllow=), and must before the staging nodes
     // are made: DevicePolicy=closed covers mknod too. zbus would start threads, and the clone
@@ -287,13 +355,16 @@ fn run_staged(d: &Definition, plan: &mut Plan, start: StartDevices, host: HostSi
         std::fs::write(format!("/proc/{pid}/uid_map"), &map)
             .and_then(|_| std::fs::write(format!("/proc/{pid}/gid_map"), &map))
             .context("writing the user-namespace id map")?;
-        if !idmaps.is_empty() {
-            let userns =
-                File::open(format!("/proc/{pid}/ns/user")).context("opening the container's user namespace")?;
-            match &mount_ns {
-                Some(ns) => crate::idmapped::attach(ns.as_fd(), userns.as_fd(), idmaps)?,
-                None => anyhow::bail!("the container's mount namespace is gone"),
-            }
+    }
+    if !idmaps.is_empty() || overlay.is_some() {
+        let userns = plan
+            .user_namespace
+            .then(|| File::open(format!("/proc/{pid}/ns/user")))
+            .transpose()
+            .context("opening the container's user namespace")?;
+        match &mount_ns {
+            Some(ns) => crate::idmapped::attach(ns.as_fd(), userns.as_ref().map(|u| u.as_fd()), idmaps, overlay)?,
+            None => anyhow::bail!("the container's mount namespace is gone"),
         }
     }
     // A write to `go` fails only when the child is gone already: its error pipe says why, and

@@ -256,3 +256,111 @@ pub fn busybox_root(parent: &Path) -> PathBuf {
     fs::set_permissions(root.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
     root
 }
+
+/// An OCI image built by hand, as `skopeo copy … oci:DIR` leaves one: layers (tars, each
+/// gzip-compressed when `gzip`), a config, a manifest and an index naming it by `tag`.
+pub mod oci {
+    use serde_json::json;
+    use sha2::{Digest, Sha256};
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    pub fn sha256(bytes: &[u8]) -> String {
+        format!("sha256:{}", Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect::<String>())
+    }
+
+    /// A tree as a layer's tar, owners and modes kept, links not followed.
+    pub fn tar_of(tree: &Path) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        b.follow_symlinks(false);
+        b.append_dir_all(".", tree).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    fn blob(layout: &Path, bytes: &[u8]) -> String {
+        let digest = sha256(bytes);
+        fs::write(layout.join("blobs/sha256").join(&digest[7..]), bytes).unwrap();
+        digest
+    }
+
+    /// The config's `config` part (Env, Cmd, …) as given; the rest made to fit the layers.
+    pub fn config(layers: &[Vec<u8>], config: serde_json::Value) -> Vec<u8> {
+        let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
+        serde_json::to_vec(&json!({
+            "architecture": "amd64", "os": "linux", "config": config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids}
+        }))
+        .unwrap()
+    }
+
+    /// Writes the layout at `layout` and returns it.
+    pub fn layout(
+        layout: &Path,
+        tag: &str,
+        layers: &[Vec<u8>],
+        config: serde_json::Value,
+        gzip_layers: bool,
+    ) -> PathBuf {
+        fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+        fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let config = self::config(layers, config);
+        let config_digest = blob(layout, &config);
+        let descriptors: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|l| {
+                let stored = if gzip_layers { gzip(l) } else { l.clone() };
+                let media = if gzip_layers {
+                    "application/vnd.oci.image.layer.v1.tar+gzip"
+                } else {
+                    "application/vnd.oci.image.layer.v1.tar"
+                };
+                json!({"mediaType": media, "digest": blob(layout, &stored), "size": stored.len()})
+            })
+            .collect();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": descriptors
+        }))
+        .unwrap();
+        let manifest_digest = blob(layout, &manifest);
+        let index = json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+                           "size": manifest.len(), "annotations": {"org.opencontainers.image.ref.name": tag}}]
+        });
+        fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        layout.to_owned()
+    }
+
+    /// What `docker save` writes (the classic layout): manifest.json, the config, a tar per layer.
+    pub fn docker_archive(file: &Path, repo_tag: &str, layers: &[Vec<u8>], config: serde_json::Value) {
+        let config = self::config(layers, config);
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, data: &[u8]| {
+            let mut h = tar::Header::new_ustar();
+            h.set_path(path).unwrap();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        };
+        let config_name = format!("{}.json", &sha256(&config)[7..]);
+        add(&config_name, &config);
+        let mut names = Vec::new();
+        for (i, l) in layers.iter().enumerate() {
+            let name = format!("layer{i}/layer.tar");
+            add(&name, l);
+            names.push(name);
+        }
+        let manifest = json!([{"Config": config_name, "RepoTags": [repo_tag], "Layers": names}]);
+        add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
+        fs::write(file, b.into_inner().unwrap()).unwrap();
+    }
+}

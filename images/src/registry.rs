@@ -1,0 +1,244 @@
+//! Registries, over the OCI distribution API through `oci-client`: anonymous or with the
+//! credentials of a containers-auth.json file (`/etc/gpubox/auth.json`, or `REGISTRY_AUTH_FILE`
+//! as Podman reads it), token authentication as the registry asks for it. A registry on the
+//! loopback address is spoken to over plain HTTP, as Docker allows; every other over HTTPS.
+//!
+//! Each layer is downloaded into the store's scratch space, its digest checked, then unpacked;
+//! only when every layer is in does the image get its name, so an interrupted or offline pull
+//! leaves nothing half-written (and the layers it finished are not fetched again).
+
+use crate::digest::Digest;
+use crate::local::{for_this_machine, is_index, Counting};
+use crate::store::{now, ImageRecord, Store};
+use crate::{Error, ImageDefaults, ImageRef, Progress};
+use base64::Engine as _;
+use gpubox_definition::image_ref::Registry;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use oci_spec::image::{ImageIndex, ImageManifest, MediaType};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where credentials are read from unless `REGISTRY_AUTH_FILE` says otherwise.
+pub const AUTH_FILE: &str = "/etc/gpubox/auth.json";
+
+const ACCEPTED: &[&str] = &[
+    manifest::OCI_IMAGE_MEDIA_TYPE,
+    manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
+    manifest::IMAGE_MANIFEST_MEDIA_TYPE,
+    manifest::IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
+
+pub fn pull(
+    store: &Store,
+    image: &ImageRef,
+    r: &Registry,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ImageRecord, Error> {
+    let _lock = store.shared()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Registry { image: image.name(), message: format!("starting the client: {e}") })?;
+    runtime.block_on(pull_async(store, image, r, progress))
+}
+
+async fn pull_async(
+    store: &Store,
+    image: &ImageRef,
+    r: &Registry,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ImageRecord, Error> {
+    // rustls wants one crypto provider for the process; ring is ours (a second call is a no-op).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let failed = |what: &str, e: &dyn std::fmt::Display| Error::Registry {
+        image: image.name(),
+        message: format!("{what}: {e}"),
+    };
+    let client = Client::new(ClientConfig {
+        protocol: if is_loopback(&r.registry) { ClientProtocol::Http } else { ClientProtocol::Https },
+        connect_timeout: Some(Duration::from_secs(15)),
+        read_timeout: Some(Duration::from_secs(60)),
+        platform_resolver: None,
+        ..Default::default()
+    });
+    let auth = credentials(r)?;
+    let mut reference = match (&r.tag, &r.digest) {
+        (_, Some(d)) => Reference::with_digest(r.registry.clone(), r.repository.clone(), d.clone()),
+        (Some(t), None) => Reference::with_tag(r.registry.clone(), r.repository.clone(), t.clone()),
+        (None, None) => unreachable!("a normalised reference has a tag or a digest"),
+    };
+    let (manifest_digest, manifest_bytes) = loop {
+        let (bytes, _) = client
+            .pull_manifest_raw(&reference, &auth, ACCEPTED)
+            .await
+            .map_err(|e| failed(&format!("getting the manifest from {}", r.registry), &e))?;
+        let digest = Digest::of(&bytes);
+        if let Some(wanted) = reference.digest() {
+            digest
+                .verify(&format!("{image}: manifest"), &bytes)
+                .map_err(|_| failed("manifest", &format!("digest {digest}, asked for {wanted}")))?;
+        }
+        let media_type: Option<MediaType> = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(MediaType::from));
+        let looks_like_index = media_type.as_ref().is_some_and(is_index)
+            || serde_json::from_slice::<serde_json::Value>(&bytes).ok().is_some_and(|v| v.get("manifests").is_some());
+        if !looks_like_index {
+            break (digest, bytes);
+        }
+        let index = ImageIndex::from_reader(&bytes[..]).map_err(|e| failed("index", &e))?;
+        let chosen = for_this_machine(index.manifests())
+            .ok_or_else(|| failed("index", &format!("no manifest for linux/{}", std::env::consts::ARCH)))?;
+        reference = Reference::with_digest(r.registry.clone(), r.repository.clone(), chosen.digest().to_string());
+    };
+    let manifest = ImageManifest::from_reader(&manifest_bytes[..]).map_err(|e| failed("manifest", &e))?;
+    let config_digest = Digest::parse(manifest.config().digest().as_ref())?;
+    let mut config_bytes = Vec::new();
+    client
+        .pull_blob(&reference, config_digest.as_str(), &mut config_bytes)
+        .await
+        .map_err(|e| failed("getting the config", &e))?;
+    let defaults = ImageDefaults::parse(&config_bytes).map_err(|e| failed("config", &e))?;
+    if defaults.diff_ids.len() != manifest.layers().len() {
+        return Err(failed("manifest", &"its manifest and config list different numbers of layers"));
+    }
+    store.put_blob(&manifest_digest, &manifest_bytes)?;
+    store.put_blob(&config_digest, &config_bytes)?;
+    progress(Progress::Resolved { layers: defaults.diff_ids.len() });
+    for (i, (layer, diff_id)) in manifest.layers().iter().zip(&defaults.diff_ids).enumerate() {
+        if store.has_layer(diff_id) {
+            progress(Progress::Have { index: i + 1, diff_id: diff_id.clone() });
+            continue;
+        }
+        let digest = Digest::parse(layer.digest().as_ref())?;
+        let scratch = store.scratch("download")?;
+        let path = scratch.0.join("blob");
+        let file = tokio::fs::File::create(&path).await.map_err(|e| Error::io(&path, e))?;
+        progress(Progress::Fetching { index: i + 1, done: 0, total: Some(layer.size()) });
+        client
+            .pull_blob(&reference, digest.as_str(), file)
+            .await
+            .map_err(|e| failed(&format!("getting layer {}", i + 1), &e))?;
+        let size = unpack_downloaded(store, diff_id, &digest, &path, i + 1, progress)
+            .map_err(|e| Error::image(image, format!("layer {}: {e}", i + 1)))?;
+        progress(Progress::Unpacked { index: i + 1, size });
+    }
+    let record = ImageRecord {
+        name: image.name(),
+        manifest: Some(manifest_digest),
+        config: config_digest,
+        layers: defaults.diff_ids,
+        stored: now(),
+    };
+    store.commit(&record)?;
+    Ok(record)
+}
+
+fn unpack_downloaded(
+    store: &Store,
+    diff_id: &Digest,
+    blob: &Digest,
+    path: &Path,
+    index: usize,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<u64, Error> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let total = file.metadata().ok().map(|m| m.len());
+    store.add_layer(diff_id, Some(blob), Counting::new(file, index, total, progress))
+}
+
+fn is_loopback(registry: &str) -> bool {
+    let host = registry
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok())
+        .map_or(registry, |(h, _)| h);
+    host == "localhost" || host.starts_with("127.") || host == "[::1]"
+}
+
+/// The credentials for the registry (and repository) of `r` in the auth file, as
+/// containers-auth.json(5) looks them up: the most specific `registry/namespace` key first,
+/// then the registry; `docker.io` also under Docker's own spellings.
+fn credentials(r: &Registry) -> Result<RegistryAuth, Error> {
+    let path = std::env::var_os("REGISTRY_AUTH_FILE").map(PathBuf::from).unwrap_or_else(|| AUTH_FILE.into());
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RegistryAuth::Anonymous),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    lookup(&bytes, r).map_err(|m| Error::Format(format!("{}: {m}", path.display())))
+}
+
+fn lookup(bytes: &[u8], r: &Registry) -> Result<RegistryAuth, String> {
+    let file: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    let auths = file.get("auths").and_then(|a| a.as_object()).ok_or("no \"auths\" object")?;
+    let mut keys = Vec::new();
+    let path = format!("{}/{}", r.registry, r.repository);
+    let mut scope = path.as_str();
+    loop {
+        keys.push(scope.to_owned());
+        match scope.rsplit_once('/') {
+            Some((parent, _)) => scope = parent,
+            None => break,
+        }
+    }
+    keys.push(format!("https://{}", r.registry));
+    if r.registry == "docker.io" {
+        keys.extend(["index.docker.io".into(), "https://index.docker.io/v1/".into(), "registry-1.docker.io".into()]);
+    }
+    let Some(entry) = keys.iter().find_map(|k| auths.get(k)) else { return Ok(RegistryAuth::Anonymous) };
+    if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth)
+            .map_err(|e| format!("the \"auth\" of {} is not base64: {e}", r.registry))?;
+        let decoded = String::from_utf8(decoded).map_err(|_| format!("the \"auth\" of {} is not text", r.registry))?;
+        let (user, password) =
+            decoded.split_once(':').ok_or_else(|| format!("the \"auth\" of {} is not USER:PASSWORD", r.registry))?;
+        return Ok(RegistryAuth::Basic(user.to_owned(), password.to_owned()));
+    }
+    if let Some(token) = entry.get("identitytoken").and_then(|t| t.as_str()) {
+        return Ok(RegistryAuth::Bearer(token.to_owned()));
+    }
+    Ok(RegistryAuth::Anonymous)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(s: &str) -> Registry {
+        match s.parse::<ImageRef>().unwrap() {
+            ImageRef::Registry(r) => r,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn credentials_as_containers_auth_json_has_them() {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let file = serde_json::json!({"auths": {
+            "ghcr.io": {"auth": b64("me:general")},
+            "ghcr.io/team/private": {"auth": b64("me:specific")},
+            "https://index.docker.io/v1/": {"auth": b64("hub:secret")},
+        }})
+        .to_string();
+        let basic = |u: &str, p: &str| format!("{:?}", RegistryAuth::Basic(u.into(), p.into()));
+        let got = |s: &str| format!("{:?}", lookup(file.as_bytes(), &registry(s)).unwrap());
+        assert_eq!(got("ghcr.io/team/private/job:1"), basic("me", "specific"));
+        assert_eq!(got("ghcr.io/other/job"), basic("me", "general"));
+        assert_eq!(got("pytorch/pytorch"), basic("hub", "secret"));
+        assert_eq!(got("quay.io/x/y"), format!("{:?}", RegistryAuth::Anonymous));
+        assert!(lookup(b"{}", &registry("busybox")).is_err());
+    }
+
+    #[test]
+    fn loopback_registries_are_plain_http() {
+        assert!(is_loopback("localhost:5000"));
+        assert!(is_loopback("127.0.0.1:5000"));
+        assert!(is_loopback("localhost"));
+        assert!(!is_loopback("registry.example.com:5000"));
+        assert!(!is_loopback("docker.io"));
+    }
+}

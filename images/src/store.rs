@@ -1,0 +1,471 @@
+//! The image store, `/var/lib/gpubox` (root's alone, 0700):
+//!
+//! ```text
+//! store.lock                  shared while images are added or containers start, exclusive to remove or prune
+//! blobs/sha256/HEX            manifests and configs, as fetched (verified)
+//! layers/HEX/                 a layer unpacked, named by its diff_id (its tar's digest)
+//! layers/HEX.json             its size
+//! images/HEX.json             an image record, named by the digest of the image's name
+//! containers/NAME/            a container's writable layer (upper/, work/) and its in-use lock
+//! tmp/                        work in progress; nothing here is ever read as done
+//! ```
+//!
+//! Everything is made in `tmp/` and renamed into place, so a kill at any moment leaves either
+//! the old state or the new one, never half a layer or a record pointing at nothing. A layer
+//! that two fetches unpack at once is kept once. A running container holds a lock on its
+//! `containers/NAME/lock`; remove and prune leave its layers alone.
+
+use crate::digest::{Digest, Digesting};
+use crate::unpack::{self, Unpacked};
+use crate::Error;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Where the store is unless `GPUBOX_STORE` says otherwise (tests).
+pub const DEFAULT_ROOT: &str = "/var/lib/gpubox";
+pub const ROOT_VARIABLE: &str = "GPUBOX_STORE";
+
+/// An image in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Its reference's canonical spelling ([`crate::ImageRef::name`]).
+    pub name: String,
+    /// The manifest it came from (none for a `docker save` archive, which has none).
+    pub manifest: Option<Digest>,
+    /// Its config: the image's id, as `podman images` shows it.
+    pub config: Digest,
+    /// Its layers' diff_ids, bottom first.
+    pub layers: Vec<Digest>,
+    /// When it was stored (seconds since the epoch).
+    pub stored: u64,
+}
+
+/// What `gpuboxctl image list` shows of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Listed {
+    #[serde(flatten)]
+    pub record: ImageRecord,
+    /// The bytes of all its layers' files.
+    pub size: u64,
+    /// Of those, the bytes in layers no other image has: what removing it frees.
+    pub unique: u64,
+    /// Containers running from it now.
+    pub in_use_by: Vec<String>,
+}
+
+/// The store, at its root.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// A lock on the whole store, held while it is in use.
+pub struct StoreLock(#[allow(dead_code)] Flock<File>);
+
+/// A container's writable layer, in use while this lives (its lock is held).
+pub struct WritableLayer {
+    pub dir: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub ephemeral: bool,
+    _lock: Flock<File>,
+}
+
+impl WritableLayer {
+    /// At the container's end: an ephemeral layer is thrown away.
+    pub fn finish(self) -> Result<(), Error> {
+        if self.ephemeral {
+            remove_tree(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// The store at `GPUBOX_STORE` or `/var/lib/gpubox`, made if missing.
+    pub fn open_default() -> Result<Store, Error> {
+        let root = std::env::var_os(ROOT_VARIABLE).map(PathBuf::from).unwrap_or_else(|| DEFAULT_ROOT.into());
+        Store::open(&root)
+    }
+
+    pub fn open(root: &Path) -> Result<Store, Error> {
+        let store = Store { root: root.to_owned() };
+        for dir in
+            [root.to_owned(), store.blobs(), store.root.join("layers"), store.images(), store.containers(), store.tmp()]
+        {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn blobs(&self) -> PathBuf {
+        self.root.join("blobs/sha256")
+    }
+    fn images(&self) -> PathBuf {
+        self.root.join("images")
+    }
+    fn containers(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+    fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn lock(&self, arg: FlockArg) -> Result<StoreLock, Error> {
+        let path = self.root.join("store.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Flock::lock(file, arg).map(StoreLock).map_err(|(_, e)| Error::io(&path, e.into()))
+    }
+
+    /// Held while adding images or starting containers: remove and prune wait for it.
+    pub fn shared(&self) -> Result<StoreLock, Error> {
+        self.lock(FlockArg::LockShared)
+    }
+
+    fn exclusive(&self) -> Result<StoreLock, Error> {
+        self.lock(FlockArg::LockExclusive)
+    }
+
+    /// A new, empty directory under `tmp/`, removed when the returned guard goes.
+    pub fn scratch(&self, what: &str) -> Result<Scratch, Error> {
+        let path = self.tmp().join(format!("{what}-{}-{}", std::process::id(), unique()));
+        fs::DirBuilder::new().mode(0o700).create(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Scratch(path))
+    }
+
+    /// The directory of a layer, whether or not the store has it.
+    pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("layers").join(diff_id.hex())
+    }
+
+    pub fn has_layer(&self, diff_id: &Digest) -> bool {
+        self.layer_dir(diff_id).is_dir()
+    }
+
+    /// Unpacks a layer's blob into the store unless it has it, checking the blob's own digest
+    /// (when known) and the tar's against `diff_id`; returns the layer's size.
+    pub fn add_layer(&self, diff_id: &Digest, blob: Option<&Digest>, reader: impl Read) -> Result<u64, Error> {
+        if let Some(size) = self.layer_size(diff_id).filter(|_| self.has_layer(diff_id)) {
+            return Ok(size);
+        }
+        let scratch = self.scratch("layer")?;
+        let mut compressed = Digesting::new(reader);
+        let Unpacked { diff_id: actual, size } = unpack::unpack_layer(&mut compressed, &scratch.0)?;
+        let (blob_actual, _) = compressed.finish().map_err(|e| Error::Layer(format!("reading the blob: {e}")))?;
+        if let Some(blob) = blob.filter(|b| **b != blob_actual) {
+            return Err(Error::DigestMismatch {
+                what: "layer blob".into(),
+                expected: blob.clone(),
+                actual: blob_actual,
+            });
+        }
+        if &actual != diff_id {
+            return Err(Error::DigestMismatch {
+                what: "layer (uncompressed)".into(),
+                expected: diff_id.clone(),
+                actual,
+            });
+        }
+        let meta = self.root.join("layers").join(format!("{}.json", diff_id.hex()));
+        write_atomically(self, &meta, serde_json::json!({ "size": size }).to_string().as_bytes())?;
+        match fs::rename(&scratch.0, self.layer_dir(diff_id)) {
+            Ok(()) => {}
+            // Another fetch kept the same layer first: ours goes with the scratch.
+            Err(e) if self.has_layer(diff_id) => drop(e),
+            Err(e) => return Err(Error::io(&self.layer_dir(diff_id), e)),
+        }
+        Ok(size)
+    }
+
+    fn layer_size(&self, diff_id: &Digest) -> Option<u64> {
+        let meta = fs::read(self.root.join("layers").join(format!("{}.json", diff_id.hex()))).ok()?;
+        serde_json::from_slice::<serde_json::Value>(&meta).ok()?.get("size")?.as_u64()
+    }
+
+    /// Keeps a manifest or config, checked against its digest.
+    pub fn put_blob(&self, digest: &Digest, bytes: &[u8]) -> Result<(), Error> {
+        digest.verify("blob", bytes)?;
+        let path = self.blobs().join(digest.hex());
+        if !path.exists() {
+            write_atomically(self, &path, bytes)?;
+        }
+        Ok(())
+    }
+
+    pub fn blob(&self, digest: &Digest) -> Result<Vec<u8>, Error> {
+        let path = self.blobs().join(digest.hex());
+        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        digest.verify(&path.display().to_string(), &bytes)?;
+        Ok(bytes)
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.images().join(format!("{}.json", Digest::of(name.as_bytes()).hex()))
+    }
+
+    /// Names an image: its record, written last, once all it points at is in the store.
+    pub fn commit(&self, record: &ImageRecord) -> Result<(), Error> {
+        for layer in &record.layers {
+            if !self.has_layer(layer) {
+                return Err(Error::image(&record.name, format!("layer {layer} is missing")));
+            }
+        }
+        self.blob(&record.config)?;
+        let json = serde_json::to_vec_pretty(record).map_err(|e| Error::Format(e.to_string()))?;
+        write_atomically(self, &self.record_path(&record.name), &json)
+    }
+
+    /// The image of that name, if the store has it.
+    pub fn lookup(&self, name: &str) -> Result<Option<ImageRecord>, Error> {
+        let path = self.record_path(name);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::Format(format!("{}: {e}", path.display())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Every image the store has, by name.
+    pub fn records(&self) -> Result<Vec<ImageRecord>, Error> {
+        let mut records = Vec::new();
+        for entry in fs::read_dir(self.images()).map_err(|e| Error::io(&self.images(), e))? {
+            let path = entry.map_err(|e| Error::io(&self.images(), e))?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+                records.push(
+                    serde_json::from_slice(&bytes).map_err(|e| Error::Format(format!("{}: {e}", path.display())))?,
+                );
+            }
+        }
+        records.sort_by(|a: &ImageRecord, b| a.name.cmp(&b.name));
+        Ok(records)
+    }
+
+    /// The layers running containers use, and by whom.
+    fn in_use(&self) -> Result<BTreeMap<String, Vec<Digest>>, Error> {
+        let mut used = BTreeMap::new();
+        let Ok(dir) = fs::read_dir(self.containers()) else { return Ok(used) };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let lock = entry.path().join("lock");
+            let Ok(file) = File::open(&lock) else { continue };
+            if Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err() {
+                let layers = fs::read(entry.path().join("layers"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Vec<Digest>>(&b).ok())
+                    .unwrap_or_default();
+                used.insert(name, layers);
+            }
+        }
+        Ok(used)
+    }
+
+    /// The images with their sizes, shared and unique, and who runs from them.
+    pub fn list(&self) -> Result<Vec<Listed>, Error> {
+        let records = self.records()?;
+        let in_use = self.in_use()?;
+        let mut users: BTreeMap<&Digest, usize> = BTreeMap::new();
+        for r in &records {
+            for l in r.layers.iter().collect::<BTreeSet<_>>() {
+                *users.entry(l).or_default() += 1;
+            }
+        }
+        Ok(records
+            .iter()
+            .map(|r| {
+                let layers: BTreeSet<&Digest> = r.layers.iter().collect();
+                let size = layers.iter().map(|l| self.layer_size(l).unwrap_or(0)).sum();
+                let unique = layers.iter().filter(|l| users[*l] == 1).map(|l| self.layer_size(l).unwrap_or(0)).sum();
+                let in_use_by = in_use
+                    .iter()
+                    .filter(|(_, ls)| !ls.is_empty() && ls.iter().all(|l| layers.contains(l)))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                Listed { record: r.clone(), size, unique, in_use_by }
+            })
+            .collect())
+    }
+
+    /// Removes an image's name; its layers go at the next prune. Refused while a container
+    /// runs from it.
+    pub fn remove(&self, name: &str) -> Result<ImageRecord, Error> {
+        let _lock = self.exclusive()?;
+        let record = self.lookup(name)?.ok_or_else(|| Error::image(name, "no such image in the store"))?;
+        let users: Vec<String> = self
+            .in_use()?
+            .into_iter()
+            .filter(|(_, ls)| !ls.is_empty() && ls.iter().all(|l| record.layers.contains(l)))
+            .map(|(n, _)| n)
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::InUse(format!("{name}: in use by running container(s) {}", users.join(", "))));
+        }
+        let path = self.record_path(name);
+        fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(record)
+    }
+
+    /// Removes what no image names and no running container uses: layers, blobs, writable
+    /// layers of ephemeral containers that were killed, work left in `tmp/`. Returns the
+    /// bytes freed (of layers).
+    pub fn prune(&self) -> Result<u64, Error> {
+        let _lock = self.exclusive()?;
+        let records = self.records()?;
+        let in_use = self.in_use()?;
+        let mut keep_layers: BTreeSet<String> = BTreeSet::new();
+        let mut keep_blobs: BTreeSet<String> = BTreeSet::new();
+        for r in &records {
+            keep_layers.extend(r.layers.iter().map(|l| l.hex().to_owned()));
+            keep_blobs.insert(r.config.hex().to_owned());
+            keep_blobs.extend(r.manifest.iter().map(|m| m.hex().to_owned()));
+        }
+        for layers in in_use.values() {
+            keep_layers.extend(layers.iter().map(|l| l.hex().to_owned()));
+        }
+        let mut freed = 0;
+        let layers = self.root.join("layers");
+        for entry in fs::read_dir(&layers).map_err(|e| Error::io(&layers, e))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let hex = name.strip_suffix(".json").unwrap_or(&name).to_owned();
+            if keep_layers.contains(&hex) {
+                continue;
+            }
+            if name.ends_with(".json") {
+                if !layers.join(&hex).exists() {
+                    let _ = fs::remove_file(entry.path());
+                }
+                continue;
+            }
+            if let Ok(d) = Digest::parse(&format!("sha256:{hex}")) {
+                freed += self.layer_size(&d).unwrap_or(0);
+            }
+            // Renamed away first, so that a kill halfway leaves no half layer under its name.
+            let doomed = self.tmp().join(format!("removed-{hex}"));
+            fs::rename(entry.path(), &doomed).map_err(|e| Error::io(&entry.path(), e))?;
+            remove_tree(&doomed)?;
+            let _ = fs::remove_file(layers.join(format!("{hex}.json")));
+        }
+        for entry in fs::read_dir(self.blobs()).map_err(|e| Error::io(&self.blobs(), e))?.flatten() {
+            if !keep_blobs.contains(&*entry.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        for entry in fs::read_dir(self.containers()).map_err(|e| Error::io(&self.containers(), e))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !in_use.contains_key(&name) && entry.path().join("ephemeral").exists() {
+                remove_tree(&entry.path())?;
+            }
+        }
+        // Work in progress of fetches that are not running any more (they hold the store shared,
+        // so none is running now).
+        for entry in fs::read_dir(self.tmp()).map_err(|e| Error::io(&self.tmp(), e))?.flatten() {
+            remove_tree(&entry.path())?;
+        }
+        Ok(freed)
+    }
+
+    /// The writable layer of container `name`, made if missing (an ephemeral one always
+    /// afresh), and locked as in use for as long as the returned value lives.
+    pub fn writable_layer(&self, name: &str, layers: &[Digest], ephemeral: bool) -> Result<WritableLayer, Error> {
+        let dir = self.containers().join(name);
+        fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock_path = dir.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| Error::InUse(format!("{}: in use by another container named {name}", dir.display())))?;
+        let (upper, work) = (dir.join("upper"), dir.join("work"));
+        if ephemeral {
+            // Left by a container that was killed: thrown away now.
+            for d in [&upper, &work] {
+                remove_tree(d)?;
+            }
+            File::create(dir.join("ephemeral")).map_err(|e| Error::io(&dir, e))?;
+        } else {
+            let _ = fs::remove_file(dir.join("ephemeral"));
+            // overlayfs's work directory must be empty-ish; it cleans its own `work/work`.
+        }
+        for d in [&upper, &work] {
+            match fs::DirBuilder::new().mode(0o755).create(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(d, e)),
+            }
+        }
+        let json = serde_json::to_vec(layers).map_err(|e| Error::Format(e.to_string()))?;
+        write_atomically(self, &dir.join("layers"), &json)?;
+        Ok(WritableLayer { dir, upper, work, ephemeral, _lock: lock })
+    }
+}
+
+/// A directory under the store's `tmp/`, removed when dropped unless kept.
+pub struct Scratch(pub PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = remove_tree(&self.0);
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    (u64::from(nanos) << 16) ^ NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Writes `bytes` to `path` through a file in the store's `tmp/` and a rename: whoever reads
+/// `path` sees the old content or the new, whole.
+fn write_atomically(store: &Store, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    let tmp = store.tmp().join(format!("file-{}-{}", std::process::id(), unique()));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(|e| Error::io(path, e))
+}
+
+/// Removes a tree that may hold directories without write permission (overlayfs's `work/work`
+/// is 0000) and never follows a link out of it.
+fn remove_tree(path: &Path) -> Result<(), Error> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// The seconds since the epoch, for records.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,359 @@
+//! Issue #14, images as users have them: `Image=` from an OCI layout, a `docker save` archive
+//! and a real registry (the CNCF distribution registry, pushed to with skopeo); the image's
+//! config as defaults; layers stacked by overlayfs under a writable layer that an ephemeral
+//! container loses and a kept one keeps; ownership as seen from inside under the default user
+//! namespace; whiteouts; the image never modified; a hostile layer refused with nothing left
+//! half-written; `Pull=never` and an unreachable registry failing clearly. Privileged.
+
+mod common;
+
+use common::oci;
+use common::*;
+use serde_json::json;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// A store of the test's own: `GPUBOX_STORE`.
+struct Store(tempfile::TempDir);
+
+impl Store {
+    fn new() -> Store {
+        Store(tempfile::tempdir().unwrap())
+    }
+    fn env(&self) -> Vec<(&'static str, &std::ffi::OsStr)> {
+        vec![("GPUBOX_STORE", self.0.path().as_os_str())]
+    }
+    fn layers(&self) -> Vec<String> {
+        let dir = self.0.path().join("layers");
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+    fn images(&self) -> usize {
+        fs::read_dir(self.0.path().join("images")).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+/// Two layers as an image builder makes them: a base owned by host root (with /root 0700, a
+/// user's home of uid 1000, /etc/gone, /var/cache/old) and a layer over it that adds /etc/motd,
+/// deletes /etc/gone (a whiteout) and replaces /var/cache (an opaque directory).
+fn two_layers(dir: &Path) -> Vec<Vec<u8>> {
+    let base = busybox_root(&dir.join("base"));
+    for d in ["root", "home/u", "var/cache", "usr/bin"] {
+        fs::create_dir_all(base.join(d)).unwrap();
+    }
+    fs::set_permissions(base.join("root"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(base.join("home/u/notes"), "mine").unwrap();
+    for p in ["home/u", "home/u/notes"] {
+        nix::unistd::chown(&base.join(p), Some(1000.into()), Some(1000.into())).unwrap();
+    }
+    fs::write(base.join("etc/gone"), "deleted above").unwrap();
+    fs::write(base.join("var/cache/old"), "hidden above").unwrap();
+    fs::write(base.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n").unwrap();
+    let mut top = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8], kind: tar::EntryType| {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(path).unwrap();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        h.set_cksum();
+        top.append(&h, data).unwrap();
+    };
+    add("etc/", b"", tar::EntryType::Directory);
+    add("etc/motd", b"from the top layer\n", tar::EntryType::Regular);
+    add("etc/.wh.gone", b"", tar::EntryType::Regular);
+    add("var/cache/", b"", tar::EntryType::Directory);
+    add("var/cache/.wh..wh..opq", b"", tar::EntryType::Regular);
+    add("var/cache/new", b"fresh\n", tar::EntryType::Regular);
+    vec![oci::tar_of(&base), top.into_inner().unwrap()]
+}
+
+const REPORT: &str = "echo id=$(id -u); echo pwd=$(pwd); echo greeting=$GREETING; echo from_image=$FROM_IMAGE; \
+    echo motd=$(cat /etc/motd); echo gone=$(test -e /etc/gone && echo there || echo absent); \
+    echo old=$(test -e /var/cache/old && echo there || echo absent); echo new=$(cat /var/cache/new); \
+    echo root=$(stat -c %u:%g /root); echo notes=$(stat -c %u:%g /home/u/notes); \
+    mkdir /root/.cache && echo made=yes; echo kept=$(cat /root/kept 2>/dev/null || echo none); echo was-here > /root/kept";
+
+fn image_config() -> serde_json::Value {
+    json!({
+        "Env": ["PATH=/bin:/usr/bin", "GREETING=from the image", "FROM_IMAGE=1"],
+        "Cmd": ["/bin/sh", "-c", REPORT],
+        "WorkingDir": "/home/u"
+    })
+}
+
+fn run_image(store: &Store, dir: &Path, name: &str, body: &str) -> Run {
+    run_file(&definition(dir, name, &format!("[Container]\n{body}")), &store.env())
+}
+
+#[test]
+fn an_oci_layout_runs_with_its_config_its_layers_and_its_ownership() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let layers = two_layers(dir.path());
+    let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, image_config(), true);
+    let name = format!("img{}", std::process::id());
+    let body = format!("Image=oci:{}:v1\nEnvironment=GREETING=override\n", layout.display());
+    let r = run_image(&store, dir.path(), &name, &body);
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    // The image's command, working directory and environment, Environment= over it.
+    assert_eq!(value(&r, "pwd"), "/home/u");
+    assert_eq!(value(&r, "greeting"), "override");
+    assert_eq!(value(&r, "from_image"), "1");
+    // Its layers stacked, whiteouts and opaque directories honoured.
+    assert_eq!(value(&r, "motd"), "from the top layer");
+    assert_eq!(value(&r, "gone"), "absent");
+    assert_eq!(value(&r, "old"), "absent");
+    assert_eq!(value(&r, "new"), "fresh");
+    // Under the default user namespace, ownership as seen from inside; root can write.
+    assert_eq!(value(&r, "id"), "0");
+    assert_eq!(value(&r, "root"), "0:0");
+    assert_eq!(value(&r, "notes"), "1000:1000");
+    assert_eq!(value(&r, "made"), "yes");
+    assert_eq!(value(&r, "kept"), "none");
+    assert!(r.err.contains("2 layers"), "the fetch is logged: {}", r.err);
+    // Each layer unpacked once into the store; the image itself never written to.
+    assert_eq!(store.layers().iter().filter(|l| !l.ends_with(".json")).count(), 2);
+    for layer in store.layers().iter().filter(|l| !l.ends_with(".json")) {
+        assert!(!store.0.path().join("layers").join(layer).join("root/kept").exists(), "a layer was written to");
+    }
+    // Ephemeral (the default): the next start begins from the image again, fetching nothing.
+    let again = run_image(&store, dir.path(), &name, &body);
+    assert_eq!(value(&again, "kept"), "none", "{}", again.err);
+    assert!(!again.err.contains("fetching"), "Pull=missing fetched an image the store has: {}", again.err);
+    assert!(!store.0.path().join("containers").join(&name).join("upper/root").exists(), "the writable layer stayed");
+
+    // Ephemeral=no: what the container wrote is there at its next start.
+    let kept = format!("{body}Ephemeral=no\n");
+    let first = run_image(&store, dir.path(), &name, &kept);
+    assert_eq!(value(&first, "kept"), "none", "{}", first.err);
+    let second = run_image(&store, dir.path(), &name, &kept);
+    assert_eq!(value(&second, "kept"), "was-here", "{}", second.err);
+    // Host-root-owned as the container's root wrote it (idmapped writable layer).
+    let written = fs::metadata(store.0.path().join("containers").join(&name).join("upper/root/kept")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&written), 0);
+}
+
+#[test]
+fn exec_replaces_the_images_cmd_and_user_namespace_host_works_too() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let layers = two_layers(dir.path());
+    let config = json!({"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo cmd=image"], "User": "1000"});
+    let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, config, false);
+    let body = format!("Image=oci:{}:v1\nExec='echo cmd=exec uid=$(id -u)'\nUserNamespace=host\n", layout.display());
+    let r = run_image(&store, dir.path(), &format!("exe{}", std::process::id()), &body);
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    assert_eq!(value(&r, "cmd"), "exec uid=1000", "Exec= replaces Cmd after the Entrypoint; User from the image");
+}
+
+#[test]
+fn a_docker_save_archive_runs() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let layers = two_layers(dir.path());
+    let archive = dir.path().join("saved.tar");
+    oci::docker_archive(&archive, "job:1", &layers, image_config());
+    let r = run_image(
+        &store,
+        dir.path(),
+        &format!("dar{}", std::process::id()),
+        &format!("Image=docker-archive:{}\n", archive.display()),
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    assert_eq!(value(&r, "motd"), "from the top layer");
+    assert_eq!(value(&r, "made"), "yes");
+}
+
+#[test]
+fn a_hostile_layer_is_refused_and_leaves_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let outside = dir.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let base = oci::tar_of(&busybox_root(&dir.path().join("base")));
+    // A link to a host directory, then a file written through it.
+    let mut evil = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_path("escape").unwrap();
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_link_name(&outside).unwrap();
+    h.set_size(0);
+    h.set_cksum();
+    evil.append(&h, &[][..]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("escape/planted").unwrap();
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_cksum();
+    evil.append(&h, &b"x"[..]).unwrap();
+    let layers = vec![base, evil.into_inner().unwrap()];
+    let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, json!({"Cmd": ["/bin/true"]}), false);
+    let r = run_image(
+        &store,
+        dir.path(),
+        &format!("evl{}", std::process::id()),
+        &format!("Image=oci:{}:v1\n", layout.display()),
+    );
+    assert_eq!(r.code, 125, "{}\n{}", r.out, r.err);
+    assert!(r.err.contains("layer 2"), "names the layer: {}", r.err);
+    assert!(!outside.join("planted").exists(), "the layer wrote outside itself");
+    // The good layer may stay (it is whole); no image was named, no half layer kept.
+    assert_eq!(store.images(), 0);
+    assert!(store.layers().iter().filter(|l| !l.ends_with(".json")).count() <= 1);
+    assert_eq!(fs::read_dir(store.0.path().join("tmp")).unwrap().count(), 0, "work left in tmp/");
+
+    // A blob that does not match its digest: refused as damaged.
+    let layout2 = oci::layout(&dir.path().join("layout2"), "v1", &layers[..1], json!({"Cmd": ["/bin/true"]}), true);
+    let blobs: Vec<PathBuf> = fs::read_dir(layout2.join("blobs/sha256")).unwrap().flatten().map(|e| e.path()).collect();
+    let biggest = blobs.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let mut bytes = fs::read(biggest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(biggest, bytes).unwrap();
+    let store2 = Store::new();
+    let r = run_image(
+        &store2,
+        dir.path(),
+        &format!("dmg{}", std::process::id()),
+        &format!("Image=oci:{}:v1\n", layout2.display()),
+    );
+    assert_eq!(r.code, 125, "{}\n{}", r.out, r.err);
+    assert!(r.err.contains("digest mismatch") || r.err.contains("layer 1"), "{}", r.err);
+    assert_eq!(store2.images(), 0);
+    assert_eq!(store2.layers().iter().filter(|l| !l.ends_with(".json")).count(), 0);
+}
+
+#[test]
+fn pull_never_and_an_unreachable_registry_fail_clearly() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let r = run_image(
+        &store,
+        dir.path(),
+        &format!("nev{}", std::process::id()),
+        "Image=busybox:1.36\nPull=never\nExec=/bin/true\n",
+    );
+    assert_eq!(r.code, 125);
+    assert!(r.err.contains("docker.io/library/busybox:1.36: not in the store, and Pull=never"), "{}", r.err);
+    // Nothing listens on port 1 of the loopback address: offline, as far as the pull can tell.
+    let r = run_image(
+        &store,
+        dir.path(),
+        &format!("off{}", std::process::id()),
+        "Image=127.0.0.1:1/job:1\nExec=/bin/true\n",
+    );
+    assert_eq!(r.code, 125);
+    assert!(r.err.contains("127.0.0.1:1/job:1") && r.err.contains("getting the manifest"), "{}", r.err);
+    assert_eq!(store.images(), 0);
+}
+
+/// A real registry on the loopback address (the distribution registry Docker Hub runs),
+/// the image pushed there by skopeo from an OCI layout, and pulled by `Image=`.
+#[test]
+fn an_image_is_pulled_from_a_real_registry() {
+    if !privileged() {
+        return;
+    }
+    let (Some(registry_bin), Some(skopeo)) = (which("docker-registry"), which("skopeo")) else {
+        assert!(
+            std::env::var_os("GPUBOX_REQUIRE_PRIVILEGED").is_none(),
+            "docker-registry and skopeo are needed (tests/install-deps)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let port = free_port();
+    let config = dir.path().join("registry.yml");
+    fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("registry").display()
+        ),
+    )
+    .unwrap();
+    let mut registry = std::process::Command::new(registry_bin)
+        .args(["serve"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _stop = KillOnDrop(&mut registry);
+    let up = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(up.elapsed().as_secs() < 20, "the registry did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let layers = two_layers(dir.path());
+    let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, image_config(), true);
+    let pushed = std::process::Command::new(skopeo)
+        .args(["copy", "--dest-tls-verify=false", "--insecure-policy"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://127.0.0.1:{port}/team/job:v1"))
+        .output()
+        .unwrap();
+    assert!(pushed.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&pushed.stderr));
+    let r = run_image(
+        &store,
+        dir.path(),
+        &format!("reg{}", std::process::id()),
+        &format!("Image=127.0.0.1:{port}/team/job:v1\n"),
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    assert_eq!(value(&r, "motd"), "from the top layer");
+    assert_eq!(value(&r, "notes"), "1000:1000");
+    // Pull=always fetches the manifest again but no layer the store has.
+    let r = run_image(
+        &store,
+        dir.path(),
+        &format!("reg{}", std::process::id()),
+        &format!("Image=docker://127.0.0.1:{port}/team/job:v1\nPull=always\n"),
+    );
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    assert_eq!(r.err.matches("in the store already").count(), 2, "{}", r.err);
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+}
