@@ -57,8 +57,15 @@ pub struct RunArgs {
     pub numa: bool,
 
     /// The container's root directory (RootDirectory=; default: the host's / read-only).
-    #[arg(long, visible_alias = "rootfs", value_name = "DIR")]
+    #[arg(long, visible_alias = "rootfs", value_name = "DIR", conflicts_with = "image")]
     pub root: Option<PathBuf>,
+    /// An image as the root (Image=: NAME[:TAG], docker://…, oci:DIR[:TAG], oci-archive:FILE,
+    /// docker-archive:FILE); without a COMMAND, the image's own runs.
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// When to fetch the image (Pull=): missing (the default), always, never.
+    #[arg(long, value_name = "WHEN", value_parser = ["missing", "always", "never"], requires = "image")]
+    pub pull: Option<String>,
     /// The root read-only (ReadOnly=yes).
     #[arg(long)]
     pub read_only: bool,
@@ -119,7 +126,7 @@ pub struct RunArgs {
     pub rm: bool,
     /// The command and its arguments, passed on exactly (everything from the first word that
     /// is not an option; `--` before a command that starts with `-`).
-    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    #[arg(required_unless_present = "image", trailing_var_arg = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 
@@ -201,7 +208,8 @@ fn run_to_end(args: &RunArgs) -> Result<u8> {
     let file = TempFile::create(&name, &definition(args)?)?;
     Sources::from_file(&file.0)?.load()?;
     if Path::new("/run/systemd/system").exists() {
-        systemd::run(&name, &file.0, &supervisor, &args.command, &signals)
+        let what = if args.command.is_empty() { args.image.iter().cloned().collect() } else { args.command.clone() };
+        systemd::run(&name, &file.0, &supervisor, &what, &signals)
     } else {
         foreground(&file.0, &supervisor, &signals)
     }
@@ -210,8 +218,13 @@ fn run_to_end(args: &RunArgs) -> Result<u8> {
 /// The definition text for these options.
 fn definition(args: &RunArgs) -> Result<String> {
     let mut text = String::from("[Container]\n");
-    let exec: Vec<String> = args.command.iter().map(|w| quote(w)).collect();
-    writeln!(text, "Exec={}", exec.join(" "))?;
+    if !args.command.is_empty() {
+        let exec: Vec<String> = args.command.iter().map(|w| quote(w)).collect();
+        writeln!(text, "Exec={}", exec.join(" "))?;
+    }
+    if let Some(image) = &args.image {
+        writeln!(text, "Image={}", quote(image))?;
+    }
     if let Some(root) = &args.root {
         let root = std::path::absolute(root).with_context(|| format!("--root {}", root.display()))?;
         writeln!(text, "RootDirectory={}", quote(&root.to_string_lossy()))?;
@@ -220,6 +233,9 @@ fn definition(args: &RunArgs) -> Result<String> {
     let mut plain = vec![];
     if args.read_only {
         plain.push(("ReadOnly", "yes"));
+    }
+    if let Some(pull) = &args.pull {
+        plain.push(("Pull", pull));
     }
     if let Some(network) = &args.network {
         plain.push(("Network", network));
@@ -846,5 +862,19 @@ mod options {
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// `--image` as `podman run IMAGE [COMMAND]`: the command is optional, replaces the image's
+    /// own, and the root cannot also be a directory.
+    #[test]
+    fn an_image_with_or_without_a_command() {
+        let cli = Cli::try_parse_from(["run", "--image", "pytorch/pytorch", "--pull", "never"]).unwrap();
+        let text = definition(&cli.run).unwrap();
+        assert!(!text.contains("Exec="), "{text}");
+        assert!(text.contains("Image=\"pytorch/pytorch\"") && text.contains("Pull=never"), "{text}");
+        let cli = Cli::try_parse_from(["run", "--image", "busybox", "sh", "-c", "true"]).unwrap();
+        assert!(definition(&cli.run).unwrap().contains("Exec=\"sh\" \"-c\" \"true\""));
+        assert!(Cli::try_parse_from(["run", "--image", "busybox", "--root", "/srv", "true"]).is_err());
+        assert!(Cli::try_parse_from(["run"]).is_err(), "a command or an image");
     }
 }

@@ -11,7 +11,6 @@ use common::oci;
 use common::*;
 use serde_json::json;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// A store of the test's own: `GPUBOX_STORE`.
@@ -35,44 +34,6 @@ impl Store {
     fn images(&self) -> usize {
         fs::read_dir(self.0.path().join("images")).map(|d| d.count()).unwrap_or(0)
     }
-}
-
-/// Two layers as an image builder makes them: a base owned by host root (with /root 0700, a
-/// user's home of uid 1000, /etc/gone, /var/cache/old) and a layer over it that adds /etc/motd,
-/// deletes /etc/gone (a whiteout) and replaces /var/cache (an opaque directory).
-fn two_layers(dir: &Path) -> Vec<Vec<u8>> {
-    let base = busybox_root(&dir.join("base"));
-    for d in ["root", "home/u", "var/cache", "usr/bin"] {
-        fs::create_dir_all(base.join(d)).unwrap();
-    }
-    fs::set_permissions(base.join("root"), fs::Permissions::from_mode(0o700)).unwrap();
-    fs::write(base.join("home/u/notes"), "mine").unwrap();
-    for p in ["home/u", "home/u/notes"] {
-        nix::unistd::chown(&base.join(p), Some(1000.into()), Some(1000.into())).unwrap();
-    }
-    fs::write(base.join("etc/gone"), "deleted above").unwrap();
-    fs::write(base.join("var/cache/old"), "hidden above").unwrap();
-    fs::write(base.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nu:x:1000:1000::/home/u:/bin/sh\n").unwrap();
-    let mut top = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, data: &[u8], kind: tar::EntryType| {
-        let mut h = tar::Header::new_ustar();
-        h.set_path(path).unwrap();
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_entry_type(kind);
-        h.set_size(data.len() as u64);
-        h.set_mode(if kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
-        h.set_cksum();
-        top.append(&h, data).unwrap();
-    };
-    add("etc/", b"", tar::EntryType::Directory);
-    add("etc/motd", b"from the top layer\n", tar::EntryType::Regular);
-    add("etc/.wh.gone", b"", tar::EntryType::Regular);
-    add("var/cache/", b"", tar::EntryType::Directory);
-    add("var/cache/.wh..wh..opq", b"", tar::EntryType::Regular);
-    add("var/cache/new", b"fresh\n", tar::EntryType::Regular);
-    vec![oci::tar_of(&base), top.into_inner().unwrap()]
 }
 
 const REPORT: &str = "echo id=$(id -u); echo pwd=$(pwd); echo greeting=$GREETING; echo from_image=$FROM_IMAGE; \
@@ -100,7 +61,7 @@ fn an_oci_layout_runs_with_its_config_its_layers_and_its_ownership() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new();
-    let layers = two_layers(dir.path());
+    let layers = oci::two_layers(dir.path());
     let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, image_config(), true);
     let name = format!("img{}", std::process::id());
     let body = format!("Image=oci:{}:v1\nEnvironment=GREETING=override\n", layout.display());
@@ -151,7 +112,7 @@ fn exec_replaces_the_images_cmd_and_user_namespace_host_works_too() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new();
-    let layers = two_layers(dir.path());
+    let layers = oci::two_layers(dir.path());
     let config = json!({"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo cmd=image"], "User": "1000"});
     let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, config, false);
     let body = format!("Image=oci:{}:v1\nExec='echo cmd=exec uid=$(id -u)'\nUserNamespace=host\n", layout.display());
@@ -167,7 +128,7 @@ fn a_docker_save_archive_runs() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new();
-    let layers = two_layers(dir.path());
+    let layers = oci::two_layers(dir.path());
     let archive = dir.path().join("saved.tar");
     oci::docker_archive(&archive, "job:1", &layers, image_config());
     let r = run_image(
@@ -281,79 +242,80 @@ fn an_image_is_pulled_from_a_real_registry() {
     if !privileged() {
         return;
     }
-    let (Some(registry_bin), Some(skopeo)) = (which("docker-registry"), which("skopeo")) else {
-        assert!(
-            std::env::var_os("GPUBOX_REQUIRE_PRIVILEGED").is_none(),
-            "docker-registry and skopeo are needed (tests/install-deps)"
-        );
-        return;
-    };
+    let Some(registry) = common::registry::Registry::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new();
-    let port = free_port();
-    let config = dir.path().join("registry.yml");
-    fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("registry").display()
-        ),
-    )
-    .unwrap();
-    let mut registry = std::process::Command::new(registry_bin)
-        .args(["serve"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _stop = KillOnDrop(&mut registry);
-    let up = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(up.elapsed().as_secs() < 20, "the registry did not start");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let layers = two_layers(dir.path());
+    let layers = oci::two_layers(dir.path());
     let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, image_config(), true);
-    let pushed = std::process::Command::new(skopeo)
-        .args(["copy", "--dest-tls-verify=false", "--insecure-policy"])
-        .arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://127.0.0.1:{port}/team/job:v1"))
-        .output()
-        .unwrap();
-    assert!(pushed.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&pushed.stderr));
-    let r = run_image(
-        &store,
-        dir.path(),
-        &format!("reg{}", std::process::id()),
-        &format!("Image=127.0.0.1:{port}/team/job:v1\n"),
-    );
+    let reference = registry.push(&layout, "v1", "team/job");
+    let name = format!("reg{}", std::process::id());
+    let r = run_image(&store, dir.path(), &name, &format!("Image={reference}\n"));
     assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
     assert_eq!(value(&r, "motd"), "from the top layer");
     assert_eq!(value(&r, "notes"), "1000:1000");
     // Pull=always fetches the manifest again but no layer the store has.
-    let r = run_image(
-        &store,
-        dir.path(),
-        &format!("reg{}", std::process::id()),
-        &format!("Image=docker://127.0.0.1:{port}/team/job:v1\nPull=always\n"),
-    );
+    let r = run_image(&store, dir.path(), &name, &format!("Image=docker://{reference}\nPull=always\n"));
     assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
     assert_eq!(r.err.matches("in the store already").count(), 2, "{}", r.err);
 }
 
-struct KillOnDrop<'a>(&'a mut std::process::Child);
-impl Drop for KillOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Two containers of one image at once: each writes in its own writable layer and sees only
+/// its own writes; the layers' bytes, modes and owners are the same after as before.
+#[test]
+fn two_containers_of_one_image_do_not_see_each_other_and_the_layers_stay_unchanged() {
+    if !privileged() {
+        return;
     }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let layers = oci::two_layers(dir.path());
+    let config = json!({"Cmd": ["/bin/sh", "-c",
+        "echo $NAME > /etc/motd; echo mine > /root/$NAME; sleep 0.5; echo motd=$(cat /etc/motd); ls /root > /tmp/l; echo seen=$(cat /tmp/l | tr '\\n' ,)"]});
+    let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, config, true);
+    // Fetched once first, so that the tree can be taken before the containers write.
+    let first = run_image(
+        &store,
+        dir.path(),
+        &format!("pre{}", std::process::id()),
+        &format!("Image=oci:{}:v1\nEnvironment=NAME=pre\n", layout.display()),
+    );
+    assert_eq!(first.code, 0, "{}", first.err);
+    let before = tree_of(&store.0.path().join("layers"));
+    let runs: Vec<Run> = ["a", "b"]
+        .map(|n| {
+            let (store_dir, dir, layout) = (store.0.path().to_owned(), dir.path().to_owned(), layout.clone());
+            std::thread::spawn(move || {
+                let name = format!("two{n}{}", std::process::id());
+                let text = format!("[Container]\nImage=oci:{}:v1\nEnvironment=NAME={n}\n", layout.display());
+                run_file(&definition(&dir, &name, &text), &[("GPUBOX_STORE", store_dir.as_os_str())])
+            })
+        })
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    for (r, n) in runs.iter().zip(["a", "b"]) {
+        assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+        assert_eq!(value(r, "motd"), n, "each sees its own /etc/motd");
+        assert_eq!(value(r, "seen"), format!("{n},"), "each sees only its own files in /root");
+    }
+    assert_eq!(tree_of(&store.0.path().join("layers")), before, "a layer changed");
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+/// Every entry under `dir`: path, type, mode, owner and content, sorted.
+fn tree_of(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            let content = if m.is_file() { oci::sha256(&fs::read(e.path()).unwrap()) } else { String::new() };
+            out.push(format!("{} {:o} {}:{} {content}", e.path().display(), m.mode(), m.uid(), m.gid()));
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
 }

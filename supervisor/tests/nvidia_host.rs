@@ -263,6 +263,30 @@ fn driver_libraries_as_the_host_loader_has_them() {
         assert_eq!(value(&r, "version"), "13000", "{extra}{exec}: the host's loader takes the first copy");
     }
     assert_eq!(snapshot(&root), before, "the root is exactly as it was");
+
+    // The same tree as an image (issue #14): the driver's files reach it, and no layer but
+    // the container's own writable one is written.
+    let layout = common::oci::layout(
+        &drivers.dir.path().join("layout"),
+        "v1",
+        &[common::oci::tar_of(&root)],
+        serde_json::json!({"Cmd": ["/usr/bin/cudaprog"]}),
+        true,
+    );
+    let store = tempfile::tempdir().unwrap();
+    let def = definition(
+        drivers.dir.path(),
+        "driverimg",
+        &format!("[Container]\nImage=oci:{}:v1\n[GPU]\nDriverLibraries=yes\n", layout.display()),
+    );
+    let env = [("GPUBOX_LD_CACHE", drivers.cache.as_os_str()), ("GPUBOX_STORE", store.path().as_os_str())];
+    let r = run_fresh(&def, &env);
+    assert_eq!(r.code, 0, "Image=: {}{}", r.out, r.err);
+    assert_eq!(value(&r, "version"), "13000", "Image=: the host's loader takes the first copy");
+    let layers = snapshot(&store.path().join("layers"));
+    let r = run_fresh(&def, &env);
+    assert_eq!(value(&r, "version"), "13000", "Image=, again: {}", r.err);
+    assert_eq!(snapshot(&store.path().join("layers")), layers, "a layer was written to");
 }
 
 /// Failure 5: a root below a directory the container's root cannot search said "is not a
