@@ -11,7 +11,7 @@ use std::process::ExitCode;
 #[derive(Subcommand)]
 pub enum ImageCommand {
     /// Fetches an image into the store: REFERENCE as Image= takes it (a registry's
-    /// NAME[:TAG], docker://…, oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE).
+    /// NAME[:TAG], docker://…, oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG]).
     /// Layers the store has are not fetched again.
     Pull { reference: String },
     /// Imports an image from a file or directory: an OCI layout, an OCI archive or a
@@ -38,7 +38,7 @@ pub enum ImageCommand {
 pub fn run(command: ImageCommand, json: bool) -> Result<ExitCode> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the image store ({}) is root's: run as root", gpubox_images::store::DEFAULT_ROOT);
+        bail!("the image store is root's: run as root");
     }
     let store = Store::open_default()?;
     match command {

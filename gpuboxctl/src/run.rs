@@ -59,8 +59,8 @@ pub struct RunArgs {
     /// The container's root directory (RootDirectory=; default: the host's / read-only).
     #[arg(long, visible_alias = "rootfs", value_name = "DIR", conflicts_with = "image")]
     pub root: Option<PathBuf>,
-    /// An image as the root (Image=: NAME[:TAG], docker://…, oci:DIR[:TAG], oci-archive:FILE,
-    /// docker-archive:FILE); without a COMMAND, the image's own runs.
+    /// An image as the root (Image=: NAME[:TAG], docker://…, oci:DIR[:TAG], oci-archive:FILE[:TAG],
+    /// docker-archive:FILE[:NAME:TAG]); without a COMMAND, the image's own runs.
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<String>,
     /// When to fetch the image (Pull=): missing (the default), always, never.

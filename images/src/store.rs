@@ -78,11 +78,21 @@ pub struct WritableLayer {
 
 impl WritableLayer {
     /// At the container's end: an ephemeral layer is thrown away.
-    pub fn finish(self) -> Result<(), Error> {
-        if self.ephemeral {
+    pub fn finish(mut self) -> Result<(), Error> {
+        let ephemeral = std::mem::take(&mut self.ephemeral);
+        if ephemeral {
             remove_tree(&self.dir)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for WritableLayer {
+    /// However the start ended (no GPU, a stop while waiting): an ephemeral layer goes.
+    fn drop(&mut self) {
+        if self.ephemeral {
+            let _ = remove_tree(&self.dir);
+        }
     }
 }
 
@@ -100,6 +110,13 @@ impl Store {
         {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(&dir, e))?;
         }
+        // Layers hold setuid files of their images: the store is root's alone, whoever made it.
+        let meta = fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
+        if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != 0 {
+            return Err(Error::Format(format!("{}: the image store must be a directory of root's", root.display())));
+        }
+        fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| Error::io(root, e))?;
         Ok(store)
     }
 
@@ -259,8 +276,8 @@ impl Store {
         Ok(records)
     }
 
-    /// The layers running containers use, and by whom.
-    fn in_use(&self) -> Result<BTreeMap<String, Vec<Digest>>, Error> {
+    /// The running containers, each with the image it runs from and that image's layers.
+    fn in_use(&self) -> Result<BTreeMap<String, (String, Vec<Digest>)>, Error> {
         let mut used = BTreeMap::new();
         let Ok(dir) = fs::read_dir(self.containers()) else { return Ok(used) };
         for entry in dir.flatten() {
@@ -272,7 +289,8 @@ impl Store {
                     .ok()
                     .and_then(|b| serde_json::from_slice::<Vec<Digest>>(&b).ok())
                     .unwrap_or_default();
-                used.insert(name, layers);
+                let image = fs::read_to_string(entry.path().join("image")).unwrap_or_default();
+                used.insert(name, (image, layers));
             }
         }
         Ok(used)
@@ -294,11 +312,8 @@ impl Store {
                 let layers: BTreeSet<&Digest> = r.layers.iter().collect();
                 let size = layers.iter().map(|l| self.layer_size(l).unwrap_or(0)).sum();
                 let unique = layers.iter().filter(|l| users[*l] == 1).map(|l| self.layer_size(l).unwrap_or(0)).sum();
-                let in_use_by = in_use
-                    .iter()
-                    .filter(|(_, ls)| !ls.is_empty() && ls.iter().all(|l| layers.contains(l)))
-                    .map(|(n, _)| n.clone())
-                    .collect();
+                let in_use_by =
+                    in_use.iter().filter(|(_, (image, _))| *image == r.name).map(|(n, _)| n.clone()).collect();
                 Listed { record: r.clone(), size, unique, in_use_by }
             })
             .collect())
@@ -309,12 +324,8 @@ impl Store {
     pub fn remove(&self, name: &str) -> Result<ImageRecord, Error> {
         let _lock = self.exclusive()?;
         let record = self.lookup(name)?.ok_or_else(|| Error::image(name, "no such image in the store"))?;
-        let users: Vec<String> = self
-            .in_use()?
-            .into_iter()
-            .filter(|(_, ls)| !ls.is_empty() && ls.iter().all(|l| record.layers.contains(l)))
-            .map(|(n, _)| n)
-            .collect();
+        let users: Vec<String> =
+            self.in_use()?.into_iter().filter(|(_, (image, _))| image == name).map(|(n, _)| n).collect();
         if !users.is_empty() {
             return Err(Error::InUse(format!("{name}: in use by running container(s) {}", users.join(", "))));
         }
@@ -337,7 +348,7 @@ impl Store {
             keep_blobs.insert(r.config.hex().to_owned());
             keep_blobs.extend(r.manifest.iter().map(|m| m.hex().to_owned()));
         }
-        for layers in in_use.values() {
+        for (_, layers) in in_use.values() {
             keep_layers.extend(layers.iter().map(|l| l.hex().to_owned()));
         }
         let mut freed = 0;
@@ -384,7 +395,13 @@ impl Store {
 
     /// The writable layer of container `name`, made if missing (an ephemeral one always
     /// afresh), and locked as in use for as long as the returned value lives.
-    pub fn writable_layer(&self, name: &str, layers: &[Digest], ephemeral: bool) -> Result<WritableLayer, Error> {
+    pub fn writable_layer(
+        &self,
+        name: &str,
+        image: &str,
+        layers: &[Digest],
+        ephemeral: bool,
+    ) -> Result<WritableLayer, Error> {
         let dir = self.containers().join(name);
         fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir).map_err(|e| Error::io(&dir, e))?;
         let lock_path = dir.join("lock");
@@ -418,6 +435,7 @@ impl Store {
         }
         let json = serde_json::to_vec(layers).map_err(|e| Error::Format(e.to_string()))?;
         write_atomically(self, &dir.join("layers"), &json)?;
+        write_atomically(self, &dir.join("image"), image.as_bytes())?;
         Ok(WritableLayer { dir, upper, work, ephemeral, _lock: lock })
     }
 }

@@ -68,6 +68,26 @@ pub fn unpack_layer(layer: impl Read, dest: &Path) -> Result<Unpacked, Error> {
                 whiteout(&parent, name, &path)?;
                 continue;
             }
+            // The tar crate would make special files regular ones: a FIFO is made as such, a
+            // 0/0 character device is a whiteout already (overlayfs's own form), and other
+            // device nodes are left out: a container's devices are gpubox's to give.
+            let kind = entry.header().entry_type();
+            if kind.is_fifo() || kind.is_character_special() || kind.is_block_special() {
+                let header = entry.header();
+                let numbers = (header.device_major().ok().flatten(), header.device_minor().ok().flatten());
+                let name = relative.file_name().map(OsStr::as_bytes).unwrap_or_default();
+                let parent = make_dirs(&dest, relative.parent().unwrap_or(Path::new("")), &path)?;
+                if kind.is_fifo() {
+                    let target = parent.join(OsStr::from_bytes(name));
+                    let mode = nix::sys::stat::Mode::from_bits_truncate(header.mode().unwrap_or(0o644) & 0o7777);
+                    nix::unistd::mkfifo(&target, mode).map_err(|e| Error::io(&target, e.into()))?;
+                    let (uid, gid) = (header.uid().unwrap_or(0) as u32, header.gid().unwrap_or(0) as u32);
+                    std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(|e| Error::io(&target, e))?;
+                } else if kind.is_character_special() && numbers == (Some(0), Some(0)) {
+                    whiteout(&parent, name, &path)?;
+                }
+                continue;
+            }
             size += entry.header().size().unwrap_or(0);
             match entry.unpack_in(&dest) {
                 Ok(true) => {}
@@ -228,6 +248,33 @@ mod tests {
         assert!(m.file_type().is_char_device() && m.rdev() == 0);
         let opaque = xattr::get(dir.path().join("var/cache"), "trusted.overlay.opaque").unwrap();
         assert_eq!(opaque.as_deref(), Some(&b"y"[..]));
+        // Special files: a FIFO kept, a device node left out, a 0/0 device a whiteout as is.
+        let special = |path: &str, kind: tar::EntryType, major: u32| {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(path).unwrap();
+            h.set_entry_type(kind);
+            h.set_device_major(major).unwrap();
+            h.set_device_minor(if major == 0 { 0 } else { 3 }).unwrap();
+            h.set_mode(0o600);
+            h.set_size(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_cksum();
+            h
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        for h in [
+            special("fifo", tar::EntryType::Fifo, 0),
+            special("null", tar::EntryType::Char, 1),
+            special("gone", tar::EntryType::Char, 0),
+        ] {
+            b.append(&h, &[][..]).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        unpack_layer(&b.into_inner().unwrap()[..], dir.path()).unwrap();
+        assert!(std::fs::symlink_metadata(dir.path().join("fifo")).unwrap().file_type().is_fifo());
+        assert!(!dir.path().join("null").exists(), "a device node was made");
+        assert_eq!(std::fs::symlink_metadata(dir.path().join("gone")).unwrap().rdev(), 0);
         let trusted = tar_with_xattr("f", "trusted.overlay.redirect", b"/etc");
         assert!(unpack_layer(&trusted[..], tempfile::tempdir().unwrap().path())
             .unwrap_err()

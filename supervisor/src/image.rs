@@ -61,7 +61,7 @@ pub fn prepare(d: &mut Definition) -> Result<Option<ImageRoot>> {
         store.lookup(&image.name())?.with_context(|| format!("{image}: not in the store after it was fetched"))?;
     let defaults = ImageDefaults::parse(&store.blob(&record.config)?)?;
     apply_defaults(d, &defaults)?;
-    let writable = store.writable_layer(&d.name, &record.layers, d.container.ephemeral)?;
+    let writable = store.writable_layer(&d.name, &record.name, &record.layers, d.container.ephemeral)?;
     drop(lock);
     let lower = record.layers.iter().rev().map(|l| store.layer_dir(l)).collect();
     log::info(&format!("image {image} ({}, {} layers)", record.config.short(), record.layers.len()));
@@ -102,11 +102,16 @@ fn user_of_image(user: &str) -> User {
 /// away while it works and ending it at a stop.
 fn fetch_in_helper(image: &ImageRef) -> Result<()> {
     log::info(&format!("fetching {image}"));
-    let mut helper = std::process::Command::new("/proc/self/exe")
-        .args(["fetch-image", &image.name()])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .context("starting the image fetch")?;
+    let mut command = std::process::Command::new("/proc/self/exe");
+    command.args(["fetch-image", &image.name()]).stdin(std::process::Stdio::null());
+    // SAFETY: prctl is async-signal-safe; the fetch ends with its supervisor, even a killed one.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut helper = command.spawn().context("starting the image fetch")?;
     let mut extended = Instant::now() - Duration::from_secs(60);
     loop {
         if let Some(status) = helper.try_wait().context("waiting for the image fetch")? {

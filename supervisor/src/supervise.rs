@@ -199,7 +199,7 @@ fn image_root(
     for (i, layer) in image.lower.iter().enumerate() {
         let at = run_dir.scratch(&format!("layer-{i}"))?;
         idmaps.push(crate::idmapped::Idmap {
-            what: format!("{}: layer {i}", image.what),
+            what: format!("{}: layer {}", image.what, image.lower.len() - i),
             source: layer.clone(),
             target: at.clone(),
         });

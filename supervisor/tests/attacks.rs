@@ -50,14 +50,35 @@ else:
             script.display()
         ),
     );
+    let mut direct = Command::new(SUPERVISOR);
+    direct.args(["run", "--definition"]).arg(&def).env_remove("INVOCATION_ID");
+    tiocsti_from_a_terminal(direct);
+    // The same through `gpuboxctl run` (here without systemd: the supervisor as its child).
+    let ctl = std::path::Path::new(SUPERVISOR).with_file_name("gpuboxctl");
+    if ctl.is_file() {
+        let mut through_ctl = Command::new(ctl);
+        through_ctl
+            .args(["run", "-v", &format!("{}:/tmp/tiocsti.py:ro", script.display()), "--"])
+            .args(["/usr/bin/env", "python3", "/tmp/tiocsti.py"])
+            .env_remove("INVOCATION_ID");
+        tiocsti_from_a_terminal(through_ctl);
+    } else {
+        assert!(
+            std::env::var_os("GPUBOX_REQUIRE_PRIVILEGED").is_none(),
+            "gpuboxctl is not built beside the supervisor"
+        );
+    }
+}
+
+/// Runs `command` (a container running tiocsti.py) from a terminal, as a login shell would,
+/// and checks that nothing was pushed into that terminal and /dev/console is not it.
+fn tiocsti_from_a_terminal(mut command: Command) {
     let pty = nix::pty::openpty(None, None).unwrap();
     let slave = pty.slave.as_raw_fd();
     let rdev = {
         use std::os::unix::fs::MetadataExt;
         fs::metadata(nix::unistd::ttyname(&pty.slave).unwrap()).unwrap().rdev()
     };
-    let mut command = Command::new(SUPERVISOR);
-    command.args(["run", "--definition"]).arg(&def).env_remove("INVOCATION_ID");
     // SAFETY: between fork and exec, only async-signal-safe calls: a new session whose
     // controlling terminal is the pty, as a login shell has.
     unsafe {

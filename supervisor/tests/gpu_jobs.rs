@@ -370,3 +370,25 @@ fn count_takes_one_device_of_a_cdi_kind() {
     assert_ne!(a, b, "two jobs, two devices");
     drop((first, second));
 }
+
+/// An exclusive holder's GPU is given to no one else while it runs: `gpuboxctl attach` of it
+/// to another container is refused, naming the holder.
+#[test]
+fn an_exclusive_gpu_is_not_given_by_attach() {
+    if !privileged() {
+        return;
+    }
+    let gpu = NvidiaStandIn::with_gpus(1);
+    let d = gpu.dir.path();
+    let tag = std::process::id();
+    let (job, other) = (format!("excl{tag}"), format!("attacher{tag}"));
+    let _job = Running(start(&gpu, &definition(d, &job, "[Container]\nExec=sleep 60\nInit=yes\n[GPU]\nCount=1\n")));
+    wait_for_control(&job, Duration::from_secs(30));
+    let _other = Running(start(&gpu, &definition(d, &other, "[Container]\nExec=sleep 60\nInit=yes\n")));
+    wait_for_control(&other, Duration::from_secs(30));
+    let ctl = Path::new(SUPERVISOR).with_file_name("gpuboxctl");
+    let out = Command::new(&ctl).args(["attach", &other, "nvidia:0"]).envs(gpu.env()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attach of an exclusively held GPU succeeded");
+    assert!(err.contains(&job), "the refusal names the holder: {err}");
+}

@@ -416,6 +416,41 @@ fn a_fifo_at_a_nodes_path_cannot_hang_the_container() {
     assert!(t.elapsed() < Duration::from_secs(8), "stop took {:?}", t.elapsed());
 }
 
+/// Issue #12, medium, the rest of it: after a SIGKILL of the supervisor, its mount helper
+/// lived on, holding the container's mount namespace. It ends with the supervisor (its stdin
+/// closes), and with it the container.
+#[test]
+fn a_killed_supervisors_mount_helper_does_not_live_on() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Container::start("live-kill");
+    let (code, _, err) = c.ctl(&["attach", "live-kill", "cdi:example.com/gpu=b"]);
+    assert_eq!(code, 0, "{err}");
+    let helpers = || -> Vec<u32> {
+        fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                cmdline.contains("mount-helper") && cmdline.contains("live-kill")
+            })
+            .collect()
+    };
+    let before = helpers();
+    assert!(!before.is_empty(), "the attach started no mount helper");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.supervisor.id() as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    c.supervisor.wait().unwrap();
+    let t = Instant::now();
+    while !helpers().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5), "the mount helper outlived its supervisor: {:?}", helpers());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Issue #12, low: the supervisor's mode-following descriptor was opened through a directory
 /// the payload had replaced with a symlink to a host path (resolved from the host's root), and
 /// chmodded a host file with the node's device numbers. It stays inside the container.
