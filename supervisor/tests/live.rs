@@ -69,11 +69,16 @@ impl Container {
             .unwrap();
         let mut c = Container { dir, supervisor, pid: 0 };
         let t = Instant::now();
-        while !Path::new(&format!("/run/gpubox/{name}/control")).exists() {
-            assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
+        // Until it answers: a socket left by a SIGKILLed supervisor of the same name (a test
+        // below makes one) is there before the new one serves.
+        let status = loop {
+            let status = c.ctl(&["status", name, "--json"]);
+            if status.0 == 0 {
+                break status;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no control socket: {}", status.2);
             std::thread::sleep(Duration::from_millis(10));
-        }
-        let status = c.ctl(&["status", name, "--json"]);
+        };
         c.pid = serde_json::from_str::<serde_json::Value>(&status.1).unwrap()["pid"].as_i64().unwrap() as i32;
         c
     }
@@ -444,6 +449,8 @@ fn a_killed_supervisors_mount_helper_does_not_live_on() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.supervisor.id() as i32), nix::sys::signal::Signal::SIGKILL)
         .unwrap();
     c.supervisor.wait().unwrap();
+    // What the next start of this name would remove, removed now.
+    let _ = fs::remove_dir_all("/run/gpubox/live-kill");
     let t = Instant::now();
     while !helpers().is_empty() {
         assert!(t.elapsed() < Duration::from_secs(5), "the mount helper outlived its supervisor: {:?}", helpers());
