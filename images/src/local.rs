@@ -4,7 +4,7 @@
 //! Every blob read is checked against its digest as it is read.
 
 use crate::digest::Digest;
-use crate::store::{now, ImageRecord, Store};
+use crate::store::{ImageRecord, Store};
 use crate::{Error, ImageDefaults, ImageRef, Progress};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use std::fs::File;
@@ -118,15 +118,7 @@ fn from_layout(
         let size = store.add_layer(diff_id, Some(&digest), reader).map_err(|e| in_layer(image, i, e))?;
         progress(Progress::Unpacked { index: i + 1, size });
     }
-    let record = ImageRecord {
-        name: image.name(),
-        manifest: Some(manifest_digest),
-        config: config_digest,
-        layers: defaults.diff_ids,
-        stored: now(),
-    };
-    store.commit(&record)?;
-    Ok(record)
+    store.name_image(image.name(), Some(manifest_digest), config_digest, defaults.diff_ids)
 }
 
 fn in_layer(image: &ImageRef, i: usize, e: Error) -> Error {
@@ -191,15 +183,7 @@ fn from_docker_archive(
             .map_err(|e| in_layer(image, i, e))?;
         progress(Progress::Unpacked { index: i + 1, size });
     }
-    let record = ImageRecord {
-        name: image.name(),
-        manifest: None,
-        config: config_digest,
-        layers: defaults.diff_ids,
-        stored: now(),
-    };
-    store.commit(&record)?;
-    Ok(record)
+    store.name_image(image.name(), None, config_digest, defaults.diff_ids)
 }
 
 /// A path an archive's manifest names, inside the archive.

@@ -9,7 +9,7 @@
 
 use crate::digest::Digest;
 use crate::local::{for_this_machine, is_index};
-use crate::store::{now, ImageRecord, Store};
+use crate::store::{ImageRecord, Store};
 use crate::{Error, ImageDefaults, ImageRef, Progress};
 use base64::Engine as _;
 use gpubox_definition::image_ref::Registry;
@@ -126,15 +126,7 @@ async fn pull_async(
             .map_err(|e| Error::image(image, format!("layer {}: {e}", i + 1)))?;
         progress(Progress::Unpacked { index: i + 1, size });
     }
-    let record = ImageRecord {
-        name: image.name(),
-        manifest: Some(manifest_digest),
-        config: config_digest,
-        layers: defaults.diff_ids,
-        stored: now(),
-    };
-    store.commit(&record)?;
-    Ok(record)
+    store.name_image(image.name(), Some(manifest_digest), config_digest, defaults.diff_ids)
 }
 
 fn unpack_downloaded(

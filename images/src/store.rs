@@ -139,14 +139,7 @@ impl Store {
 
     fn lock(&self, arg: FlockArg) -> Result<StoreLock, Error> {
         let path = self.root.join("store.lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let file = open_lock_file(&path)?;
         Flock::lock(file, arg).map(StoreLock).map_err(|(_, e)| Error::io(&path, e.into()))
     }
 
@@ -234,6 +227,19 @@ impl Store {
 
     fn record_path(&self, name: &str) -> PathBuf {
         self.images().join(format!("{}.json", Digest::of(name.as_bytes()).hex()))
+    }
+
+    /// Names an image `name` whose layers and blobs were just stored: its record, stored now.
+    pub fn name_image(
+        &self,
+        name: String,
+        manifest: Option<Digest>,
+        config: Digest,
+        layers: Vec<Digest>,
+    ) -> Result<ImageRecord, Error> {
+        let record = ImageRecord { name, manifest, config, layers, stored: now() };
+        self.commit(&record)?;
+        Ok(record)
     }
 
     /// Names an image: its record, written last, once all it points at is in the store.
@@ -404,15 +410,7 @@ impl Store {
     ) -> Result<WritableLayer, Error> {
         let dir = self.containers().join(name);
         fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir).map_err(|e| Error::io(&dir, e))?;
-        let lock_path = dir.join("lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, e))?;
+        let file = open_lock_file(&dir.join("lock"))?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| Error::InUse(format!("{}: in use by another container named {name}", dir.display())))?;
         let (upper, work) = (dir.join("upper"), dir.join("work"));
@@ -438,6 +436,18 @@ impl Store {
         write_atomically(self, &dir.join("image"), image.as_bytes())?;
         Ok(WritableLayer { dir, upper, work, ephemeral, _lock: lock })
     }
+}
+
+/// Opens (making it, 0600) a lock file, never through a link (as gpubox_control's locks).
+fn open_lock_file(path: &Path) -> Result<File, Error> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
 }
 
 /// A directory under the store's `tmp/`, removed when dropped unless kept.
