@@ -6,7 +6,8 @@
 //! layers/HEX/                 a layer unpacked, named by its diff_id (its tar's digest)
 //! layers/HEX.json             its size
 //! images/HEX.json             an image record, named by the digest of the image's name
-//! containers/NAME/            a container's writable layer (upper/, work/) and its in-use lock
+//! containers/NAME/            a container's writable layer (upper/, work/), its in-use lock and
+//!                             image.json (the image and layers it runs from)
 //! tmp/                        work in progress; nothing here is ever read as done
 //! ```
 //!
@@ -77,21 +78,30 @@ pub struct WritableLayer {
 }
 
 impl WritableLayer {
-    /// At the container's end: an ephemeral layer is thrown away.
+    /// At the container's end: what an ephemeral layer holds is thrown away (an empty upper
+    /// directory is kept for the next start; the work directory of its volatile mount goes).
     pub fn finish(mut self) -> Result<(), Error> {
         let ephemeral = std::mem::take(&mut self.ephemeral);
         if ephemeral {
-            remove_tree(&self.dir)?;
+            empty(&self.upper, &self.work)?;
         }
         Ok(())
     }
+}
+
+/// Empties an ephemeral writable layer.
+fn empty(upper: &Path, work: &Path) -> Result<(), Error> {
+    if !is_empty_dir(upper) {
+        remove_tree(upper)?;
+    }
+    remove_tree(work)
 }
 
 impl Drop for WritableLayer {
     /// However the start ended (no GPU, a stop while waiting): an ephemeral layer goes.
     fn drop(&mut self) {
         if self.ephemeral {
-            let _ = remove_tree(&self.dir);
+            let _ = empty(&self.upper, &self.work);
         }
     }
 }
@@ -104,19 +114,27 @@ impl Store {
     }
 
     pub fn open(root: &Path) -> Result<Store, Error> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let store = Store { root: root.to_owned() };
-        for dir in
-            [root.to_owned(), store.blobs(), store.root.join("layers"), store.images(), store.containers(), store.tmp()]
-        {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(|e| Error::io(root, e))?;
         // Layers hold setuid files of their images: the store is root's alone, whoever made it.
         let meta = fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
-        if !meta.is_dir() || std::os::unix::fs::MetadataExt::uid(&meta) != 0 {
+        if !meta.is_dir() || meta.uid() != 0 {
             return Err(Error::Format(format!("{}: the image store must be a directory of root's", root.display())));
         }
-        fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(|e| Error::io(root, e))?;
+        if meta.mode() & 0o7777 != 0o700 {
+            fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(root, e))?;
+        }
+        for dir in [
+            store.root.join("blobs"),
+            store.blobs(),
+            store.root.join("layers"),
+            store.images(),
+            store.containers(),
+            store.tmp(),
+        ] {
+            make_dir(&dir, 0o700)?;
+        }
         Ok(store)
     }
 
@@ -291,11 +309,10 @@ impl Store {
             let lock = entry.path().join("lock");
             let Ok(file) = File::open(&lock) else { continue };
             if Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err() {
-                let layers = fs::read(entry.path().join("layers"))
+                let record = fs::read(entry.path().join("image.json"))
                     .ok()
-                    .and_then(|b| serde_json::from_slice::<Vec<Digest>>(&b).ok())
-                    .unwrap_or_default();
-                let image = fs::read_to_string(entry.path().join("image")).unwrap_or_default();
+                    .and_then(|b| serde_json::from_slice::<ContainerRecord>(&b).ok());
+                let (image, layers) = record.map_or_else(Default::default, |r| (r.image, r.layers));
                 used.insert(name, (image, layers));
             }
         }
@@ -400,7 +417,11 @@ impl Store {
     }
 
     /// The writable layer of container `name`, made if missing (an ephemeral one always
-    /// afresh), and locked as in use for as long as the returned value lives.
+    /// empty), and locked as in use for as long as the returned value lives.
+    ///
+    /// `containers/NAME/` and its small files stay from one start to the next and are written
+    /// only when they change: a start from an image costs as few writes as it can (the
+    /// benchmark's goal is 2 ms over `RootDirectory=`).
     pub fn writable_layer(
         &self,
         name: &str,
@@ -409,33 +430,63 @@ impl Store {
         ephemeral: bool,
     ) -> Result<WritableLayer, Error> {
         let dir = self.containers().join(name);
-        fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir).map_err(|e| Error::io(&dir, e))?;
+        make_dir(&dir, 0o700)?;
         let file = open_lock_file(&dir.join("lock"))?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| Error::InUse(format!("{}: in use by another container named {name}", dir.display())))?;
         let (upper, work) = (dir.join("upper"), dir.join("work"));
+        let marker = dir.join("ephemeral");
         if ephemeral {
-            // Left by a container that was killed: thrown away now.
+            // What a container that was killed wrote is thrown away now; an empty upper
+            // directory is kept as it is. The work directory of a volatile mount cannot be
+            // mounted again (overlayfs's `work/incompat/volatile`): it is always made afresh.
+            if !is_empty_dir(&upper) {
+                remove_tree(&upper)?;
+            }
+            remove_tree(&work)?;
+            if !marker.exists() {
+                File::create(&marker).map_err(|e| Error::io(&marker, e))?;
+            }
+        } else if marker.exists() {
+            // Once ephemeral, now kept: it starts empty, as an ephemeral layer would have.
             for d in [&upper, &work] {
                 remove_tree(d)?;
             }
-            File::create(dir.join("ephemeral")).map_err(|e| Error::io(&dir, e))?;
-        } else {
-            let _ = fs::remove_file(dir.join("ephemeral"));
-            // overlayfs's work directory must be empty-ish; it cleans its own `work/work`.
+            fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
         }
         for d in [&upper, &work] {
-            match fs::DirBuilder::new().mode(0o755).create(d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io(d, e)),
-            }
+            make_dir(d, 0o755)?;
         }
-        let json = serde_json::to_vec(layers).map_err(|e| Error::Format(e.to_string()))?;
-        write_atomically(self, &dir.join("layers"), &json)?;
-        write_atomically(self, &dir.join("image"), image.as_bytes())?;
+        // What `image list` and prune read of a running container; its layers are kept for it
+        // even when its image's name is given to another.
+        let record = serde_json::to_vec(&ContainerRecord { image: image.to_owned(), layers: layers.to_vec() })
+            .map_err(|e| Error::Format(e.to_string()))?;
+        let record_path = dir.join("image.json");
+        if fs::read(&record_path).ok().as_deref() != Some(&record[..]) {
+            write_atomically(self, &record_path, &record)?;
+        }
         Ok(WritableLayer { dir, upper, work, ephemeral, _lock: lock })
     }
+}
+
+/// `containers/NAME/image.json`: the image a container runs from, and that image's layers.
+#[derive(Debug, Serialize, Deserialize)]
+struct ContainerRecord {
+    image: String,
+    layers: Vec<Digest>,
+}
+
+/// Makes a directory unless it is there.
+fn make_dir(path: &Path, mode: u32) -> Result<(), Error> {
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(Error::io(path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `path` is a directory with nothing in it (false when it is missing).
+fn is_empty_dir(path: &Path) -> bool {
+    fs::read_dir(path).is_ok_and(|mut d| d.next().is_none())
 }
 
 /// Opens (making it, 0600) a lock file, never through a link (as gpubox_control's locks).

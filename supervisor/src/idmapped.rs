@@ -45,6 +45,9 @@ pub struct Overlay {
     /// credentials (copy-up, whiteouts, its work directory), and through idmapped layers only
     /// an id the idmapping maps can create a file. The capabilities stay the supervisor's.
     pub creator: Option<u32>,
+    /// An ephemeral writable layer, thrown away at the end: overlayfs's `volatile` skips every
+    /// sync to it, above all the whole file system's sync at the unmount.
+    pub volatile: bool,
 }
 
 impl Overlay {
@@ -74,8 +77,11 @@ impl Overlay {
 
     fn mount_now(&self) -> Result<()> {
         let lower: Vec<String> = self.lower.iter().map(|l| l.display().to_string()).collect();
-        let options =
+        let mut options =
             format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), self.upper.display(), self.work.display());
+        if self.volatile {
+            options.push_str(",volatile");
+        }
         mount(Some("overlay"), &self.target, Some("overlay"), MsFlags::MS_NODEV, Some(options.as_str())).with_context(
             || {
                 format!(

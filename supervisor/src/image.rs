@@ -46,19 +46,19 @@ impl ImageRoot {
 pub fn prepare(d: &mut Definition) -> Result<Option<ImageRoot>> {
     let Some(image) = d.container.image.clone() else { return Ok(None) };
     let store = Store::open_default()?;
-    let have = store.lookup(&image.name())?;
-    let fetch = match (d.container.pull, &have) {
+    // From the lookup to the writable layer's lock, a prune must not take the layers away.
+    let lock = store.shared()?;
+    let mut record = store.lookup(&image.name())?;
+    let fetch = match (d.container.pull, &record) {
         (Pull::Always, _) | (Pull::Missing, None) => true,
         (Pull::Never, None) => bail!(gpubox_images::Error::NotPulled { image: image.name() }),
         _ => false,
     };
     if fetch {
         fetch_in_helper(&image)?;
+        record = store.lookup(&image.name())?;
     }
-    // From the lookup to the writable layer's lock, a prune must not take the layers away.
-    let lock = store.shared()?;
-    let record: ImageRecord =
-        store.lookup(&image.name())?.with_context(|| format!("{image}: not in the store after it was fetched"))?;
+    let record: ImageRecord = record.with_context(|| format!("{image}: not in the store after it was fetched"))?;
     let defaults = ImageDefaults::parse(&store.blob(&record.config)?)?;
     apply_defaults(d, &defaults)?;
     let writable = store.writable_layer(&d.name, &record.name, &record.layers, d.container.ephemeral)?;

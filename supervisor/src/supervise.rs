@@ -193,6 +193,7 @@ fn image_root(
             work: w.work.clone(),
             target,
             creator: None,
+            volatile: w.ephemeral,
         });
     }
     let mut lower = Vec::new();
@@ -218,6 +219,7 @@ fn image_root(
         work: rw.join("work"),
         target,
         creator: Some(owner),
+        volatile: w.ephemeral,
     })
 }
 

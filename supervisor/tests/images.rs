@@ -40,6 +40,8 @@ const REPORT: &str = "echo id=$(id -u); echo pwd=$(pwd); echo greeting=$GREETING
     echo motd=$(cat /etc/motd); echo gone=$(test -e /etc/gone && echo there || echo absent); \
     echo old=$(test -e /var/cache/old && echo there || echo absent); echo new=$(cat /var/cache/new); \
     echo root=$(stat -c %u:%g /root); echo notes=$(stat -c %u:%g /home/u/notes); \
+    echo stale=$(test -e /stale && echo there || echo absent); \
+    echo volatile=$(grep ' / / ' /proc/self/mountinfo | grep -c volatile); \
     mkdir /root/.cache && echo made=yes; echo kept=$(cat /root/kept 2>/dev/null || echo none); echo was-here > /root/kept";
 
 fn image_config() -> serde_json::Value {
@@ -83,14 +85,25 @@ fn an_oci_layout_runs_with_its_config_its_layers_and_its_ownership() {
     assert_eq!(value(&r, "made"), "yes");
     assert_eq!(value(&r, "kept"), "none");
     assert!(r.err.contains("2 layers"), "the fetch is logged: {}", r.err);
+    // Ephemeral: mounted volatile (no sync of what is thrown away), emptied at the end.
+    assert_eq!(value(&r, "volatile"), "1");
+    let container = store.0.path().join("containers").join(&name);
+    let left = fs::read_dir(container.join("upper")).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "the writable layer was not emptied");
+    assert!(!container.join("work").exists(), "the volatile work directory stayed");
     // Each layer unpacked once into the store; the image itself never written to.
     assert_eq!(store.layers().iter().filter(|l| !l.ends_with(".json")).count(), 2);
     for layer in store.layers().iter().filter(|l| !l.ends_with(".json")) {
         assert!(!store.0.path().join("layers").join(layer).join("root/kept").exists(), "a layer was written to");
     }
-    // Ephemeral (the default): the next start begins from the image again, fetching nothing.
+    // Ephemeral (the default): the next start begins from the image again, fetching nothing,
+    // even after a container that was killed left its writes and its volatile work directory.
+    fs::create_dir_all(container.join("upper")).unwrap();
+    fs::write(container.join("upper/stale"), "left by a killed container").unwrap();
+    fs::create_dir_all(container.join("work/work/incompat/volatile")).unwrap();
     let again = run_image(&store, dir.path(), &name, &body);
     assert_eq!(value(&again, "kept"), "none", "{}", again.err);
+    assert_eq!(value(&again, "stale"), "absent");
     assert!(!again.err.contains("fetching"), "Pull=missing fetched an image the store has: {}", again.err);
     assert!(!store.0.path().join("containers").join(&name).join("upper/root").exists(), "the writable layer stayed");
 
@@ -98,6 +111,7 @@ fn an_oci_layout_runs_with_its_config_its_layers_and_its_ownership() {
     let kept = format!("{body}Ephemeral=no\n");
     let first = run_image(&store, dir.path(), &name, &kept);
     assert_eq!(value(&first, "kept"), "none", "{}", first.err);
+    assert_eq!(value(&first, "volatile"), "0", "a kept writable layer is synced as any file system");
     let second = run_image(&store, dir.path(), &name, &kept);
     assert_eq!(value(&second, "kept"), "was-here", "{}", second.err);
     // Host-root-owned as the container's root wrote it (idmapped writable layer).
