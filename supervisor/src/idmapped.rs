@@ -12,7 +12,7 @@
 //! system that cannot be idmapped fails the start, naming it. See docs/architecture.md.
 
 use crate::sys;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{setns, CloneFlags};
 use std::fs::File;
@@ -35,7 +35,7 @@ pub struct Idmap {
 pub struct Overlay {
     /// `Image=…`, for errors.
     pub what: String,
-    /// Top first. Under the user namespace, the layers' idmapped copies.
+    /// Top first: the layers' copies (idmapped under the user namespace), all in one directory.
     pub lower: Vec<PathBuf>,
     pub upper: PathBuf,
     pub work: PathBuf,
@@ -75,36 +75,51 @@ impl Overlay {
         mounted
     }
 
+    /// Mounts from the layers' directory, naming them relative to it (`layer-0:layer-1:…`):
+    /// overlayfs's options are one page, which 4096 / 9 bytes a layer leave room for the 500
+    /// layers overlayfs stacks at most (with full paths into the store, about 45).
     fn mount_now(&self) -> Result<()> {
-        let lower: Vec<String> = self.lower.iter().map(|l| l.display().to_string()).collect();
+        let dir = self.lower.first().and_then(|l| l.parent()).context("an image without layers")?;
+        let mut lower = Vec::new();
+        for l in &self.lower {
+            if l.parent() != Some(dir) {
+                bail!("{}: its layers are not in one directory", self.what);
+            }
+            lower.push(l.file_name().context("a layer without a name")?.to_string_lossy().into_owned());
+        }
         let mut options =
             format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), self.upper.display(), self.work.display());
         if self.volatile {
             options.push_str(",volatile");
         }
-        mount(Some("overlay"), &self.target, Some("overlay"), MsFlags::MS_NODEV, Some(options.as_str())).with_context(
-            || {
-                format!(
-                    "{}: mounting its layers with overlayfs (the store, {}, must be on a file system overlayfs \
-                     can take as upper layer: ext4, xfs, btrfs, not overlayfs itself)",
-                    self.what,
-                    gpubox_images::Store::open_default().map(|s| s.root().display().to_string()).unwrap_or_default()
-                )
-            },
-        )
+        // In the container's mount namespace, whose setns left this process at its `/` (and the
+        // setns back leaves it at the host's).
+        std::env::set_current_dir(dir).with_context(|| format!("entering {}", dir.display()))?;
+        let mounted = mount(Some("overlay"), &self.target, Some("overlay"), MsFlags::MS_NODEV, Some(options.as_str()));
+        std::env::set_current_dir("/").context("leaving the layers' directory")?;
+        mounted.with_context(|| {
+            format!(
+                "{}: mounting its {} layers with overlayfs (the store, {}, must be on a file system overlayfs \
+                 can take as upper layer: ext4, xfs, btrfs, not overlayfs itself)",
+                self.what,
+                self.lower.len(),
+                gpubox_images::Store::open_default().map(|s| s.root().display().to_string()).unwrap_or_default()
+            )
+        })
     }
 }
 
-/// Attaches each tree, idmapped with the user namespace `userns`, at its target in the
-/// container's mount namespace `ns`, then mounts an image's overlay there (on the idmapped
-/// copies of its layers under the user namespace, on the store's own without). Must run
-/// single-threaded (setns of a mount namespace).
+/// Attaches each tree at its target in the container's mount namespace `ns`, idmapped with
+/// the user namespace `userns` (a plain copy without one: an image's layers under
+/// `UserNamespace=host`), then mounts an image's overlay there. Must run single-threaded
+/// (setns of a mount namespace).
 pub fn attach(ns: BorrowedFd, userns: Option<BorrowedFd>, maps: &[Idmap], overlay: Option<&Overlay>) -> Result<()> {
     let mut trees = Vec::new();
     for m in maps {
         let tree = sys::open_tree_clone_recursive(&m.source).with_context(|| format!("{}: cloning it", m.what))?;
-        let userns = userns.context("an idmapped tree without a user namespace")?;
-        sys::mount_setattr_idmap(&tree, userns).map_err(|e| cannot_idmap(m, e))?;
+        if let Some(userns) = userns {
+            sys::mount_setattr_idmap(&tree, userns).map_err(|e| cannot_idmap(m, e))?;
+        }
         trees.push(tree);
     }
     let own = File::open("/proc/self/ns/mnt").context("opening the supervisor's mount namespace")?;

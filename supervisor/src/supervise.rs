@@ -185,17 +185,9 @@ fn image_root(
     plan.root_directory = Some(target.clone());
     plan.root_mount = Some(target.clone());
     let w = &image.writable;
-    if !plan.user_namespace {
-        return Ok(crate::idmapped::Overlay {
-            what: image.what.clone(),
-            lower: image.lower.clone(),
-            upper: w.upper.clone(),
-            work: w.work.clone(),
-            target,
-            creator: None,
-            volatile: w.ephemeral,
-        });
-    }
+    // Every layer is attached at a short mount point of the runtime directory (idmapped under
+    // the user namespace, a plain copy without), so that overlayfs's options, one page, hold
+    // the most layers an image may have (idmapped.rs, `Overlay::mount_now`).
     let mut lower = Vec::new();
     for (i, layer) in image.lower.iter().enumerate() {
         let at = run_dir.scratch(&format!("layer-{i}"))?;
@@ -206,19 +198,24 @@ fn image_root(
         });
         lower.push(at);
     }
-    let rw = run_dir.scratch("rw")?;
-    idmaps.push(crate::idmapped::Idmap {
-        what: format!("{}: writable layer", image.what),
-        source: w.dir.clone(),
-        target: rw.clone(),
-    });
+    let (upper, work) = if plan.user_namespace {
+        let rw = run_dir.scratch("rw")?;
+        idmaps.push(crate::idmapped::Idmap {
+            what: format!("{}: writable layer", image.what),
+            source: w.dir.clone(),
+            target: rw.clone(),
+        });
+        (rw.join("upper"), rw.join("work"))
+    } else {
+        (w.upper.clone(), w.work.clone())
+    };
     Ok(crate::idmapped::Overlay {
         what: image.what.clone(),
         lower,
-        upper: rw.join("upper"),
-        work: rw.join("work"),
+        upper,
+        work,
         target,
-        creator: Some(owner),
+        creator: plan.user_namespace.then_some(owner),
         volatile: w.ephemeral,
     })
 }

@@ -135,6 +135,40 @@ fn exec_replaces_the_images_cmd_and_user_namespace_host_works_too() {
     assert_eq!(value(&r, "cmd"), "exec uid=1000", "Exec= replaces Cmd after the Entrypoint; User from the image");
 }
 
+/// Overlayfs's options are one page: an image with many layers (Docker allows 127, overlayfs
+/// stacks 500) must not run out of it, with or without the user namespace.
+#[test]
+fn an_image_of_many_layers_runs() {
+    if !privileged() {
+        return;
+    }
+    const LAYERS: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let mut layers = vec![oci::tar_of(&busybox_root(&dir.path().join("base")))];
+    for i in 1..LAYERS {
+        let mut layer = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_path(format!("layers/{i}")).unwrap();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_cksum();
+        layer.append(&h, &[][..]).unwrap();
+        layers.push(layer.into_inner().unwrap());
+    }
+    let config = json!({"Cmd": ["/bin/sh", "-c", "echo files=$(ls /layers | wc -l)"]});
+    let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, config, false);
+    for userns in ["", "UserNamespace=host\n"] {
+        let body = format!("Image=oci:{}:v1\n{userns}", layout.display());
+        let r = run_image(&store, dir.path(), &format!("many{}", std::process::id()), &body);
+        assert_eq!(r.code, 0, "{userns}{}\n{}", r.out, r.err);
+        assert_eq!(value(&r, "files"), (LAYERS - 1).to_string(), "{userns}");
+    }
+}
+
 #[test]
 fn a_docker_save_archive_runs() {
     if !privileged() {
