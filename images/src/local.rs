@@ -18,19 +18,63 @@ const MAX_JSON: u64 = 16 << 20;
 
 pub fn import(store: &Store, image: &ImageRef, progress: &mut dyn FnMut(Progress)) -> Result<ImageRecord, Error> {
     let _lock = store.shared()?;
-    match image {
-        ImageRef::OciLayout { dir, tag } => from_layout(store, image, dir, tag.as_deref(), progress),
+    // Taken before the source is read: if it changes meanwhile, the next start sees a change.
+    let source = source_stamp(image);
+    let parts = match image {
+        ImageRef::OciLayout { dir, tag } => from_layout(store, image, dir, tag.as_deref(), progress)?,
         ImageRef::OciArchive { file, tag } => {
             let scratch = store.scratch("archive")?;
             extract(file, &scratch.0).map_err(|e| Error::image(image, e.to_string()))?;
-            from_layout(store, image, &scratch.0, tag.as_deref(), progress)
+            from_layout(store, image, &scratch.0, tag.as_deref(), progress)?
         }
         ImageRef::DockerArchive { file, reference } => {
             let scratch = store.scratch("archive")?;
             extract(file, &scratch.0).map_err(|e| Error::image(image, e.to_string()))?;
-            from_docker_archive(store, image, &scratch.0, reference.as_ref().map(|r| r.to_string()), progress)
+            from_docker_archive(store, image, &scratch.0, reference.as_ref().map(|r| r.to_string()), progress)?
         }
         ImageRef::Registry(_) => unreachable!("registries are pulled, not imported"),
+    };
+    store.name_image(image.name(), parts.manifest, parts.config, parts.layers, source)
+}
+
+/// What an image read from a local source is made of, all of it in the store now.
+struct Parts {
+    manifest: Option<Digest>,
+    config: Digest,
+    layers: Vec<Digest>,
+}
+
+/// What a local image's source is now, cheaply, for `Pull=missing` to see a change since it
+/// was stored: an OCI layout's manifest (or index) for the tag, by digest, from `index.json`
+/// alone; an archive's size, modification time and inode. None for a registry, or a source
+/// that cannot be read (the store's copy is used then).
+pub fn source_stamp(image: &ImageRef) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    match image {
+        ImageRef::OciLayout { dir, tag } => {
+            let index = ImageIndex::from_reader(&read_bounded(&dir.join("index.json")).ok()?[..]).ok()?;
+            Some(tagged(&index, tag.as_deref())?.digest().to_string())
+        }
+        ImageRef::OciArchive { file, .. } | ImageRef::DockerArchive { file, .. } => {
+            let m = std::fs::metadata(file).ok()?;
+            Some(format!("{} bytes, modified {}.{:09}, inode {}", m.len(), m.mtime(), m.mtime_nsec(), m.ino()))
+        }
+        ImageRef::Registry(_) => None,
+    }
+}
+
+/// Whether a local image's source changed since `record` was stored from it.
+pub fn changed(record: &ImageRecord, image: &ImageRef) -> bool {
+    source_stamp(image).is_some_and(|now| record.source.as_deref() != Some(now.as_str()))
+}
+
+/// The manifest (or index) a layout's `index.json` names by `tag`, or its only one untagged.
+fn tagged<'a>(index: &'a ImageIndex, tag: Option<&str>) -> Option<&'a Descriptor> {
+    let named = |d: &&Descriptor| d.annotations().as_ref().and_then(|a| a.get(REF_NAME)).map(String::as_str) == tag;
+    match tag {
+        Some(_) => index.manifests().iter().find(named),
+        None if index.manifests().len() == 1 => index.manifests().first(),
+        None => None,
     }
 }
 
@@ -59,17 +103,11 @@ fn from_layout(
     dir: &Path,
     tag: Option<&str>,
     progress: &mut dyn FnMut(Progress),
-) -> Result<ImageRecord, Error> {
+) -> Result<Parts, Error> {
     let bad = |m: String| Error::image(image, m);
     let index = ImageIndex::from_reader(&read_bounded(&dir.join("index.json"))?[..])
         .map_err(|e| bad(format!("index.json: {e} (is {} an OCI image layout?)", dir.display())))?;
-    let named = |d: &&Descriptor| d.annotations().as_ref().and_then(|a| a.get(REF_NAME)).map(String::as_str) == tag;
-    let mut desc = match tag {
-        Some(_) => index.manifests().iter().find(named).cloned(),
-        None if index.manifests().len() == 1 => index.manifests().first().cloned(),
-        None => None,
-    }
-    .ok_or_else(|| {
+    let mut desc = tagged(&index, tag).cloned().ok_or_else(|| {
         let tags: Vec<&str> = index
             .manifests()
             .iter()
@@ -118,7 +156,7 @@ fn from_layout(
         let size = store.add_layer(diff_id, Some(&digest), reader).map_err(|e| in_layer(image, i, e))?;
         progress(Progress::Unpacked { index: i + 1, size });
     }
-    store.name_image(image.name(), Some(manifest_digest), config_digest, defaults.diff_ids)
+    Ok(Parts { manifest: Some(manifest_digest), config: config_digest, layers: defaults.diff_ids })
 }
 
 fn in_layer(image: &ImageRef, i: usize, e: Error) -> Error {
@@ -141,7 +179,7 @@ fn from_docker_archive(
     dir: &Path,
     reference: Option<String>,
     progress: &mut dyn FnMut(Progress),
-) -> Result<ImageRecord, Error> {
+) -> Result<Parts, Error> {
     let bad = |m: String| Error::image(image, m);
     let saved: Vec<SavedImage> = serde_json::from_slice(&read_bounded(&dir.join("manifest.json"))?)
         .map_err(|e| bad(format!("manifest.json: {e} (is it a docker save archive?)")))?;
@@ -183,7 +221,7 @@ fn from_docker_archive(
             .map_err(|e| in_layer(image, i, e))?;
         progress(Progress::Unpacked { index: i + 1, size });
     }
-    store.name_image(image.name(), None, config_digest, defaults.diff_ids)
+    Ok(Parts { manifest: None, config: config_digest, layers: defaults.diff_ids })
 }
 
 /// A path an archive's manifest names, inside the archive.

@@ -126,7 +126,7 @@ async fn pull_async(
             .map_err(|e| Error::image(image, format!("layer {}: {e}", i + 1)))?;
         progress(Progress::Unpacked { index: i + 1, size });
     }
-    store.name_image(image.name(), Some(manifest_digest), config_digest, defaults.diff_ids)
+    store.name_image(image.name(), Some(manifest_digest), config_digest, defaults.diff_ids, None)
 }
 
 fn unpack_downloaded(

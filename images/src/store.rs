@@ -44,6 +44,10 @@ pub struct ImageRecord {
     pub layers: Vec<Digest>,
     /// When it was stored (seconds since the epoch).
     pub stored: u64,
+    /// A local image's source as it was when stored ([`crate::local::source_stamp`]): with
+    /// `Pull=missing`, a changed layout or archive is imported again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// What `gpuboxctl image list` shows of an image.
@@ -254,8 +258,9 @@ impl Store {
         manifest: Option<Digest>,
         config: Digest,
         layers: Vec<Digest>,
+        source: Option<String>,
     ) -> Result<ImageRecord, Error> {
-        let record = ImageRecord { name, manifest, config, layers, stored: now() };
+        let record = ImageRecord { name, manifest, config, layers, stored: now(), source };
         self.commit(&record)?;
         Ok(record)
     }

@@ -51,6 +51,10 @@ pub fn prepare(d: &mut Definition) -> Result<Option<ImageRoot>> {
     let mut record = store.lookup(&image.name())?;
     let fetch = match (d.container.pull, &record) {
         (Pull::Always, _) | (Pull::Missing, None) => true,
+        (Pull::Missing, Some(stored)) if gpubox_images::local::changed(stored, &image) => {
+            log::info(&format!("{image} changed since it was stored"));
+            true
+        }
         (Pull::Never, None) => bail!(gpubox_images::Error::NotPulled { image: image.name() }),
         _ => false,
     };

@@ -169,6 +169,53 @@ fn an_image_of_many_layers_runs() {
     }
 }
 
+/// `Pull=missing` with a local image: the store's copy while the layout or archive is as it
+/// was, the new image once it changed (as a user rebuilding `oci:DIR:TAG` expects), and the
+/// store's copy again when the source is gone.
+#[test]
+fn a_changed_local_image_is_imported_again() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let layers = oci::two_layers(dir.path());
+    let say = |what: &str| json!({"Cmd": ["/bin/sh", "-c", format!("echo build={what}")]});
+    let layout_dir = dir.path().join("layout");
+    let archive = dir.path().join("saved.tar");
+    for (kind, source) in [("oci", layout_dir.display().to_string()), ("docker-archive", archive.display().to_string())]
+    {
+        let build = |what: &str| match kind {
+            "oci" => drop(oci::layout(&layout_dir, "v1", &layers, say(what), false)),
+            _ => oci::docker_archive(&archive, "job:1", &layers, say(what)),
+        };
+        let image = if kind == "oci" { format!("oci:{source}:v1") } else { format!("docker-archive:{source}") };
+        let run = || run_image(&store, dir.path(), &format!("chg{}", std::process::id()), &format!("Image={image}\n"));
+        build("one");
+        let first = run();
+        assert_eq!(value(&first, "build"), "one", "{kind}: {}", first.err);
+        let same = run();
+        assert_eq!(value(&same, "build"), "one");
+        assert!(!same.err.contains("fetching"), "{kind}: an unchanged source was read again: {}", same.err);
+        build("two");
+        let changed = run();
+        assert_eq!(value(&changed, "build"), "two", "{kind}: {}", changed.err);
+        assert!(changed.err.contains("changed since it was stored"), "{kind}: {}", changed.err);
+        assert!(
+            changed.err.contains("layer 1: in the store already"),
+            "{kind}: layers were read again: {}",
+            changed.err
+        );
+        if kind == "oci" {
+            fs::remove_dir_all(&layout_dir).unwrap();
+        } else {
+            fs::remove_file(&archive).unwrap();
+        }
+        let gone = run();
+        assert_eq!(value(&gone, "build"), "two", "{kind}: the source gone, the store's copy runs: {}", gone.err);
+    }
+}
+
 #[test]
 fn a_docker_save_archive_runs() {
     if !privileged() {
