@@ -181,6 +181,21 @@ impl Store {
         Ok(Scratch(path))
     }
 
+    /// Removes what process `pid`, killed, was making in `tmp/` (its scratch directories and
+    /// files are named with its pid).
+    pub fn discard_work_of(&self, pid: u32) -> Result<(), Error> {
+        let mark = format!("-{pid}-");
+        for entry in fs::read_dir(self.tmp()).map_err(|e| Error::io(&self.tmp(), e))?.flatten() {
+            if entry.file_name().to_string_lossy().contains(&mark) {
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => remove_tree(&entry.path())?,
+                    _ => fs::remove_file(entry.path()).map_err(|e| Error::io(&entry.path(), e))?,
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The directory of a layer, whether or not the store has it.
     pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
         self.root.join("layers").join(diff_id.hex())

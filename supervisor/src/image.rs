@@ -59,7 +59,7 @@ pub fn prepare(d: &mut Definition) -> Result<Option<ImageRoot>> {
         _ => false,
     };
     if fetch {
-        fetch_in_helper(&image)?;
+        fetch_in_helper(&store, &image)?;
         record = store.lookup(&image.name())?;
     }
     let record: ImageRecord = record.with_context(|| format!("{image}: not in the store after it was fetched"))?;
@@ -104,7 +104,7 @@ fn user_of_image(user: &str) -> User {
 
 /// Runs `gpubox-supervisor fetch-image REF` and waits for it, keeping systemd's start timeout
 /// away while it works and ending it at a stop.
-fn fetch_in_helper(image: &ImageRef) -> Result<()> {
+fn fetch_in_helper(store: &Store, image: &ImageRef) -> Result<()> {
     log::info(&format!("fetching {image}"));
     let mut command = std::process::Command::new("/proc/self/exe");
     command.args(["fetch-image", &image.name()]).stdin(std::process::Stdio::null());
@@ -127,6 +127,10 @@ fn fetch_in_helper(image: &ImageRef) -> Result<()> {
         if let Some(sig) = crate::allocator::stop_requested() {
             let _ = helper.kill();
             let _ = helper.wait();
+            // Killed, it left what it was unpacking: nothing of it stays.
+            if let Err(e) = store.discard_work_of(helper.id()) {
+                log::warn(&format!("removing what the stopped fetch left: {e}"));
+            }
             return Err(crate::allocator::Stopped(sig, "fetching the image").into());
         }
         if extended.elapsed() >= Duration::from_secs(20) {

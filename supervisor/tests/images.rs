@@ -330,6 +330,102 @@ fn pull_never_and_an_unreachable_registry_fail_clearly() {
     assert_eq!(store.images(), 0);
 }
 
+/// A stop (SIGTERM, as `systemctl stop` sends) while the image is being fetched, from a
+/// registry that never answers and from an archive that stalls halfway (a FIFO, as a slow
+/// network file system would): the fetch ends with its supervisor, which exits as stopped
+/// (128+15 standalone), and the store keeps nothing of it, not even the half-unpacked layer.
+#[test]
+fn a_stop_during_a_fetch_ends_it_and_keeps_nothing() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (asked, registry_asked) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+            let _ = asked.send(());
+        }
+    });
+    stop_while_fetching(&store, dir.path(), &format!("127.0.0.1:{port}/job:1"), registry_asked);
+
+    let fifo = dir.path().join("stalled.tar");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let layers = vec![oci::tar_of(&busybox_root(&dir.path().join("base"))), big_layer()];
+    let whole = dir.path().join("whole.tar");
+    oci::docker_archive(&whole, "job:1", &layers, json!({"Cmd": ["/bin/true"]}));
+    let bytes = fs::read(&whole).unwrap();
+    let (written, archive_half_read) = std::sync::mpsc::channel();
+    let writer_fifo = fifo.clone();
+    std::thread::spawn(move || {
+        let mut f = fs::OpenOptions::new().write(true).open(writer_fifo).unwrap();
+        std::io::Write::write_all(&mut f, &bytes[..bytes.len() * 3 / 4]).unwrap();
+        let _ = written.send(());
+        // Held open, never finished: the reader waits.
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    });
+    stop_while_fetching(&store, dir.path(), &format!("docker-archive:{}", fifo.display()), archive_half_read);
+}
+
+/// A layer of one 4 MiB file: much more than a pipe holds, so its reader is inside it when
+/// the writer stalls.
+fn big_layer() -> Vec<u8> {
+    let data: Vec<u8> = (0u32..(1 << 20)).flat_map(u32::to_le_bytes).collect();
+    let mut t = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_path("data/big").unwrap();
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    t.append(&h, &data[..]).unwrap();
+    t.into_inner().unwrap()
+}
+
+/// Starts a container of `image`, waits until `fetching` says the fetch is under way, stops
+/// it, and checks how it ended.
+fn stop_while_fetching(store: &Store, dir: &Path, image: &str, fetching: std::sync::mpsc::Receiver<()>) {
+    let name = format!("stp{}", std::process::id());
+    let path = definition(dir, &name, &format!("[Container]\nImage={image}\nExec=/bin/true\n"));
+    let mut supervisor = std::process::Command::new(SUPERVISOR)
+        .args(["run", "--definition"])
+        .arg(&path)
+        .env_remove("INVOCATION_ID")
+        .env_remove("NOTIFY_SOCKET")
+        .envs(store.env())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    fetching.recv_timeout(std::time::Duration::from_secs(10)).expect("the fetch never started");
+    let tmp = store.0.path().join("tmp");
+    let pid = nix::unistd::Pid::from_raw(supervisor.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = supervisor.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{image}: the supervisor did not stop within 10 s of SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut supervisor.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "{image}: {err}");
+    assert!(err.contains("fetching the image"), "{image}: {err}");
+    assert_eq!(store.images(), 0, "{image}");
+    let left: Vec<_> = fs::read_dir(&tmp).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "{image}: work of the fetch was left: {left:?}");
+}
+
 /// A real registry on the loopback address (the distribution registry Docker Hub runs),
 /// the image pushed there by skopeo from an OCI layout, and pulled by `Image=`.
 #[test]
