@@ -78,6 +78,9 @@ pub struct WritableLayer {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub ephemeral: bool,
+    /// A kept layer that holds files and was made over other layers than the image's now (a
+    /// new pull of its tag, another `Image=`): the image it was made over, for a warning.
+    pub made_over: Option<String>,
     _lock: Flock<File>,
 }
 
@@ -482,10 +485,17 @@ impl Store {
         let record = serde_json::to_vec(&ContainerRecord { image: image.to_owned(), layers: layers.to_vec() })
             .map_err(|e| Error::Format(e.to_string()))?;
         let record_path = dir.join("image.json");
-        if fs::read(&record_path).ok().as_deref() != Some(&record[..]) {
+        let before = fs::read(&record_path).ok();
+        let mut made_over = None;
+        if before.as_deref() != Some(&record[..]) {
+            if let Some(before) = before.and_then(|b| serde_json::from_slice::<ContainerRecord>(&b).ok()) {
+                if !ephemeral && before.layers != layers && !is_empty_dir(&upper) {
+                    made_over = Some(before.image);
+                }
+            }
             write_atomically(self, &record_path, &record)?;
         }
-        Ok(WritableLayer { dir, upper, work, ephemeral, _lock: lock })
+        Ok(WritableLayer { dir, upper, work, ephemeral, made_over, _lock: lock })
     }
 }
 

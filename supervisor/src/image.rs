@@ -66,6 +66,13 @@ pub fn prepare(d: &mut Definition) -> Result<Option<ImageRoot>> {
     let defaults = ImageDefaults::parse(&store.blob(&record.config)?)?;
     apply_defaults(d, &defaults)?;
     let writable = store.writable_layer(&d.name, &record.name, &record.layers, d.container.ephemeral)?;
+    if let Some(before) = &writable.made_over {
+        log::warn(&format!(
+            "the kept writable layer ({}) was made over other layers ({before} as it was then); it lies over \
+             {image}'s as it is (remove it while stopped to start afresh)",
+            writable.upper.display()
+        ));
+    }
     drop(lock);
     let lower = record.layers.iter().rev().map(|l| store.layer_dir(l)).collect();
     log::info(&format!("image {image} ({}, {} layers)", record.config.short(), record.layers.len()));

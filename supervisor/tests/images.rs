@@ -216,6 +216,34 @@ fn a_changed_local_image_is_imported_again() {
     }
 }
 
+/// `Ephemeral=no` keeps the writable layer by the container's name: when the image under it
+/// changes layers, the start says so (what it holds hides the new image's files of its paths).
+#[test]
+fn a_kept_writable_layer_over_other_layers_is_warned_of() {
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let mut layers = oci::two_layers(dir.path());
+    let layout = dir.path().join("layout");
+    let config = || json!({"Cmd": ["/bin/sh", "-c", "echo x > /kept"]});
+    oci::layout(&layout, "v1", &layers, config(), false);
+    let body = format!("Image=oci:{}:v1\nEphemeral=no\n", layout.display());
+    let keep = || run_image(&store, dir.path(), &format!("kep{}", std::process::id()), &body);
+    for _ in 0..2 {
+        let r = keep();
+        assert_eq!(r.code, 0, "{}", r.err);
+        assert!(!r.err.contains("made over other layers"), "{}", r.err);
+    }
+    layers.push(big_layer());
+    oci::layout(&layout, "v1", &layers, config(), false);
+    let r = keep();
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.err.contains("was made over other layers"), "no warning: {}", r.err);
+    assert!(!keep().err.contains("made over other layers"), "warned again");
+}
+
 #[test]
 fn a_docker_save_archive_runs() {
     if !privileged() {
