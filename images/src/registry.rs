@@ -64,7 +64,15 @@ async fn pull_async(
         platform_resolver: None,
         ..Default::default()
     });
-    let auth = credentials(r)?;
+    let auth = match credentials(r)? {
+        Credentials::Anonymous => RegistryAuth::Anonymous,
+        Credentials::Basic(user, password) => RegistryAuth::Basic(user, password),
+        Credentials::IdentityToken(token) => RegistryAuth::Bearer(
+            exchange_identity_token(r, &token)
+                .await
+                .map_err(|e| failed("exchanging the auth file's identitytoken", &e))?,
+        ),
+    };
     let mut reference = match (&r.tag, &r.digest) {
         (_, Some(d)) => Reference::with_digest(r.registry.clone(), r.repository.clone(), d.clone()),
         (Some(t), None) => Reference::with_tag(r.registry.clone(), r.repository.clone(), t.clone()),
@@ -154,17 +162,27 @@ fn is_loopback(registry: &str) -> bool {
 /// The credentials for the registry (and repository) of `r` in the auth file, as
 /// containers-auth.json(5) looks them up: the most specific `registry/namespace` key first,
 /// then the registry; `docker.io` also under Docker's own spellings.
-fn credentials(r: &Registry) -> Result<RegistryAuth, Error> {
+fn credentials(r: &Registry) -> Result<Credentials, Error> {
     let path = std::env::var_os("REGISTRY_AUTH_FILE").map(PathBuf::from).unwrap_or_else(|| AUTH_FILE.into());
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RegistryAuth::Anonymous),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::Anonymous),
         Err(e) => return Err(Error::io(&path, e)),
     };
     lookup(&bytes, r).map_err(|m| Error::Format(format!("{}: {m}", path.display())))
 }
 
-fn lookup(bytes: &[u8], r: &Registry) -> Result<RegistryAuth, String> {
+/// What the auth file holds for a registry.
+#[derive(Debug, PartialEq, Eq)]
+enum Credentials {
+    Anonymous,
+    Basic(String, String),
+    /// An OAuth2 refresh token, which `docker login` keeps where the registry logs in through an
+    /// identity provider (Azure's among them, beside an `auth` of a placeholder user).
+    IdentityToken(String),
+}
+
+fn lookup(bytes: &[u8], r: &Registry) -> Result<Credentials, String> {
     let file: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
     let auths = file.get("auths").and_then(|a| a.as_object()).ok_or("no \"auths\" object")?;
     let mut keys = Vec::new();
@@ -181,7 +199,11 @@ fn lookup(bytes: &[u8], r: &Registry) -> Result<RegistryAuth, String> {
     if r.registry == "docker.io" {
         keys.extend(["index.docker.io".into(), "https://index.docker.io/v1/".into(), "registry-1.docker.io".into()]);
     }
-    let Some(entry) = keys.iter().find_map(|k| auths.get(k)) else { return Ok(RegistryAuth::Anonymous) };
+    let Some(entry) = keys.iter().find_map(|k| auths.get(k)) else { return Ok(Credentials::Anonymous) };
+    // Docker takes the identity token over `auth` when both are there.
+    if let Some(token) = entry.get("identitytoken").and_then(|t| t.as_str()).filter(|t| !t.is_empty()) {
+        return Ok(Credentials::IdentityToken(token.to_owned()));
+    }
     if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(auth)
@@ -189,12 +211,63 @@ fn lookup(bytes: &[u8], r: &Registry) -> Result<RegistryAuth, String> {
         let decoded = String::from_utf8(decoded).map_err(|_| format!("the \"auth\" of {} is not text", r.registry))?;
         let (user, password) =
             decoded.split_once(':').ok_or_else(|| format!("the \"auth\" of {} is not USER:PASSWORD", r.registry))?;
-        return Ok(RegistryAuth::Basic(user.to_owned(), password.to_owned()));
+        return Ok(Credentials::Basic(user.to_owned(), password.to_owned()));
     }
-    if let Some(token) = entry.get("identitytoken").and_then(|t| t.as_str()) {
-        return Ok(RegistryAuth::Bearer(token.to_owned()));
+    Ok(Credentials::Anonymous)
+}
+
+/// Exchanges an identity token for an access token to pull `r`'s repository, as Docker and
+/// Podman do (the distribution spec's OAuth2 token authentication): the registry's `/v2/`
+/// answers with a `Bearer` challenge naming its token service (`realm`) and `service`; a POST
+/// there with `grant_type=refresh_token` answers with the `access_token` (or `token`).
+async fn exchange_identity_token(r: &Registry, identity_token: &str) -> Result<String, String> {
+    let scheme = if is_loopback(&r.registry) { "http" } else { "https" };
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let ping = client.get(format!("{scheme}://{}/v2/", r.registry)).send().await.map_err(|e| e.to_string())?;
+    let header = ping
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| {
+            format!("{} asks for no token (no WWW-Authenticate on /v2/, status {})", r.registry, ping.status())
+        })?
+        .to_owned();
+    let challenges =
+        http_auth::parse_challenges(&header).map_err(|e| format!("its WWW-Authenticate '{header}': {e}"))?;
+    let bearer = challenges
+        .iter()
+        .find(|c| c.scheme.eq_ignore_ascii_case("bearer"))
+        .ok_or_else(|| format!("its WWW-Authenticate '{header}' offers no Bearer token service"))?;
+    let param =
+        |name: &str| bearer.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.to_unescaped());
+    let realm = param("realm").ok_or_else(|| format!("its Bearer challenge '{header}' names no realm"))?;
+    let scope = format!("repository:{}:pull", r.repository);
+    let mut form = vec![
+        ("grant_type", "refresh_token".to_owned()),
+        ("refresh_token", identity_token.to_owned()),
+        ("client_id", "gpubox".to_owned()),
+        ("scope", scope),
+    ];
+    if let Some(service) = param("service") {
+        form.push(("service", service));
     }
-    Ok(RegistryAuth::Anonymous)
+    let answer = client.post(&realm).form(&form).send().await.map_err(|e| format!("{realm}: {e}"))?;
+    let status = answer.status();
+    let body = answer.text().await.map_err(|e| format!("{realm}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{realm} refused the token ({status}): {}", body.chars().take(200).collect::<String>()));
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("{realm}: its answer is not JSON: {e}"))?;
+    ["access_token", "token"]
+        .iter()
+        .find_map(|k| json.get(k).and_then(|t| t.as_str()).filter(|t| !t.is_empty()))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{realm}: its answer has no access_token"))
 }
 
 #[cfg(test)]
@@ -215,15 +288,81 @@ mod tests {
             "ghcr.io": {"auth": b64("me:general")},
             "ghcr.io/team/private": {"auth": b64("me:specific")},
             "https://index.docker.io/v1/": {"auth": b64("hub:secret")},
+            // As `docker login` writes it for Azure: a placeholder user and the refresh token.
+            "team.azurecr.io": {"auth": b64("00000000-0000-0000-0000-000000000000:"), "identitytoken": "refresh"},
         }})
         .to_string();
-        let basic = |u: &str, p: &str| format!("{:?}", RegistryAuth::Basic(u.into(), p.into()));
-        let got = |s: &str| format!("{:?}", lookup(file.as_bytes(), &registry(s)).unwrap());
+        let basic = |u: &str, p: &str| Credentials::Basic(u.into(), p.into());
+        let got = |s: &str| lookup(file.as_bytes(), &registry(s)).unwrap();
         assert_eq!(got("ghcr.io/team/private/job:1"), basic("me", "specific"));
         assert_eq!(got("ghcr.io/other/job"), basic("me", "general"));
         assert_eq!(got("pytorch/pytorch"), basic("hub", "secret"));
-        assert_eq!(got("quay.io/x/y"), format!("{:?}", RegistryAuth::Anonymous));
+        assert_eq!(got("team.azurecr.io/job:1"), Credentials::IdentityToken("refresh".into()));
+        assert_eq!(got("quay.io/x/y"), Credentials::Anonymous);
         assert!(lookup(b"{}", &registry("busybox")).is_err());
+    }
+
+    /// A token service as the distribution spec describes it, on the loopback address: `/v2/`
+    /// challenges, the POST must carry the refresh token, the grant and the scope.
+    fn token_service(answer: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let realm = format!("http://{host}/token");
+        let served = std::thread::spawn(move || {
+            let mut posted = String::new();
+            for _ in 0..2 {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request = String::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    request.push_str(&line);
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let mut stream = stream;
+                if request.starts_with("GET /v2/ ") {
+                    let challenge = format!("Bearer realm=\"{realm}\",service=\"test-registry\"");
+                    write!(stream, "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+                } else {
+                    posted = String::from_utf8(body).unwrap();
+                    write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}", answer.len()).unwrap();
+                }
+            }
+            posted
+        });
+        (host, served)
+    }
+
+    #[test]
+    fn an_identity_token_is_exchanged_for_an_access_token() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (host, served) = token_service(r#"{"access_token":"access","expires_in":300}"#);
+        let r = registry(&format!("{host}/team/job:1"));
+        assert_eq!(runtime.block_on(exchange_identity_token(&r, "refresh")).unwrap(), "access");
+        let posted = served.join().unwrap();
+        for field in [
+            "grant_type=refresh_token",
+            "refresh_token=refresh",
+            "service=test-registry",
+            "scope=repository%3Ateam%2Fjob%3Apull",
+        ] {
+            assert!(posted.contains(field), "{field} not in {posted}");
+        }
+        let (host, _) = token_service(r#"{"error":"nope"}"#);
+        let err =
+            runtime.block_on(exchange_identity_token(&registry(&format!("{host}/job:1")), "refresh")).unwrap_err();
+        assert!(err.contains("no access_token"), "{err}");
     }
 
     #[test]
