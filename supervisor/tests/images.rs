@@ -147,17 +147,7 @@ fn an_image_of_many_layers_runs() {
     let store = Store::new();
     let mut layers = vec![oci::tar_of(&busybox_root(&dir.path().join("base")))];
     for i in 1..LAYERS {
-        let mut layer = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_ustar();
-        h.set_path(format!("layers/{i}")).unwrap();
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_mode(0o644);
-        h.set_size(0);
-        h.set_cksum();
-        layer.append(&h, &[][..]).unwrap();
-        layers.push(layer.into_inner().unwrap());
+        layers.push(oci::layer_of(&[(&format!("layers/{i}"), b"")]));
     }
     let config = json!({"Cmd": ["/bin/sh", "-c", "echo files=$(ls /layers | wc -l)"]});
     let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, config, false);
@@ -404,17 +394,7 @@ fn a_stop_during_a_fetch_ends_it_and_keeps_nothing() {
 /// the writer stalls.
 fn big_layer() -> Vec<u8> {
     let data: Vec<u8> = (0u32..(1 << 20)).flat_map(u32::to_le_bytes).collect();
-    let mut t = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_path("data/big").unwrap();
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_mode(0o644);
-    h.set_size(data.len() as u64);
-    h.set_cksum();
-    t.append(&h, &data[..]).unwrap();
-    t.into_inner().unwrap()
+    oci::layer_of(&[("data/big", &data)])
 }
 
 /// Starts a container of `image`, waits until `fetching` says the fetch is under way, stops

@@ -76,6 +76,23 @@ pub fn layout(layout: &Path, tag: &str, layers: &[Vec<u8>], config: serde_json::
     layout.to_owned()
 }
 
+/// A layer of regular files (root's, 0644), each at its path with its content.
+pub fn layer_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut t = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(path).unwrap();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        t.append(&h, *data).unwrap();
+    }
+    t.into_inner().unwrap()
+}
+
 /// What `docker save` writes (the classic layout): manifest.json, the config, a tar per layer.
 pub fn docker_archive(file: &Path, repo_tag: &str, layers: &[Vec<u8>], config: serde_json::Value) {
     let config = self::config(layers, config);
