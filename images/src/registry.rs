@@ -16,10 +16,11 @@ use gpubox_definition::image_ref::Registry;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest;
 use oci_client::secrets::RegistryAuth;
+use oci_client::RegistryOperation;
 use oci_client::{Client, Reference};
 use oci_spec::image::{ImageIndex, ImageManifest, MediaType};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where credentials are read from unless `REGISTRY_AUTH_FILE` says otherwise.
 pub const AUTH_FILE: &str = "/etc/gpubox/auth.json";
@@ -64,19 +65,22 @@ async fn pull_async(
         platform_resolver: None,
         ..Default::default()
     });
-    let auth = match credentials(r)? {
-        Credentials::Anonymous => RegistryAuth::Anonymous,
-        Credentials::Basic(user, password) => RegistryAuth::Basic(user, password),
-        Credentials::IdentityToken(token) => RegistryAuth::Bearer(
-            exchange_identity_token(r, &token)
-                .await
-                .map_err(|e| failed("exchanging the auth file's identitytoken", &e))?,
-        ),
-    };
     let mut reference = match (&r.tag, &r.digest) {
         (_, Some(d)) => Reference::with_digest(r.registry.clone(), r.repository.clone(), d.clone()),
         (Some(t), None) => Reference::with_tag(r.registry.clone(), r.repository.clone(), t.clone()),
         (None, None) => unreachable!("a normalised reference has a tag or a digest"),
+    };
+    let token_failed = |e: String| failed("exchanging the auth file's identitytoken", &e);
+    let mut renewing = None;
+    let auth = match credentials(r)? {
+        Credentials::Anonymous => RegistryAuth::Anonymous,
+        Credentials::Basic(user, password) => RegistryAuth::Basic(user, password),
+        Credentials::IdentityToken(identity) => {
+            let mut token = IdentityToken::new(reference.resolve_registry(), &r.repository, identity);
+            let auth = token.exchange().await.map_err(token_failed)?;
+            renewing = Some(token);
+            auth
+        }
     };
     let (manifest_digest, manifest_bytes) = loop {
         let (bytes, _) = client
@@ -120,6 +124,13 @@ async fn pull_async(
         if store.has_layer(diff_id) {
             progress(Progress::Have { index: i + 1, diff_id: diff_id.clone() });
             continue;
+        }
+        if let Some(token) = renewing.as_mut().filter(|t| t.due()) {
+            let auth = token.exchange().await.map_err(token_failed)?;
+            client
+                .auth(&reference, &auth, RegistryOperation::Pull)
+                .await
+                .map_err(|e| failed("renewing the token", &e))?;
         }
         let digest = Digest::parse(layer.digest().as_ref())?;
         let scratch = store.scratch("download")?;
@@ -173,13 +184,24 @@ fn credentials(r: &Registry) -> Result<Credentials, Error> {
 }
 
 /// What the auth file holds for a registry.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 enum Credentials {
     Anonymous,
     Basic(String, String),
     /// An OAuth2 refresh token, which `docker login` keeps where the registry logs in through an
     /// identity provider (Azure's among them, beside an `auth` of a placeholder user).
     IdentityToken(String),
+}
+
+/// Without the secrets, as oci-client's `RegistryAuth` prints itself.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Anonymous => f.write_str("Anonymous"),
+            Credentials::Basic(user, _) => f.debug_tuple("Basic").field(user).field(&"<redacted>").finish(),
+            Credentials::IdentityToken(_) => f.debug_tuple("IdentityToken").field(&"<redacted>").finish(),
+        }
+    }
 }
 
 fn lookup(bytes: &[u8], r: &Registry) -> Result<Credentials, String> {
@@ -216,58 +238,91 @@ fn lookup(bytes: &[u8], r: &Registry) -> Result<Credentials, String> {
     Ok(Credentials::Anonymous)
 }
 
-/// Exchanges an identity token for an access token to pull `r`'s repository, as Docker and
-/// Podman do (the distribution spec's OAuth2 token authentication): the registry's `/v2/`
-/// answers with a `Bearer` challenge naming its token service (`realm`) and `service`; a POST
-/// there with `grant_type=refresh_token` answers with the `access_token` (or `token`).
-async fn exchange_identity_token(r: &Registry, identity_token: &str) -> Result<String, String> {
-    let scheme = if is_loopback(&r.registry) { "http" } else { "https" };
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(15))
-        .timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let ping = client.get(format!("{scheme}://{}/v2/", r.registry)).send().await.map_err(|e| e.to_string())?;
-    let header = ping
-        .headers()
-        .get(reqwest::header::WWW_AUTHENTICATE)
-        .and_then(|h| h.to_str().ok())
-        .ok_or_else(|| {
-            format!("{} asks for no token (no WWW-Authenticate on /v2/, status {})", r.registry, ping.status())
-        })?
-        .to_owned();
-    let challenges =
-        http_auth::parse_challenges(&header).map_err(|e| format!("its WWW-Authenticate '{header}': {e}"))?;
-    let bearer = challenges
-        .iter()
-        .find(|c| c.scheme.eq_ignore_ascii_case("bearer"))
-        .ok_or_else(|| format!("its WWW-Authenticate '{header}' offers no Bearer token service"))?;
-    let param =
-        |name: &str| bearer.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.to_unescaped());
-    let realm = param("realm").ok_or_else(|| format!("its Bearer challenge '{header}' names no realm"))?;
-    let scope = format!("repository:{}:pull", r.repository);
-    let mut form = vec![
-        ("grant_type", "refresh_token".to_owned()),
-        ("refresh_token", identity_token.to_owned()),
-        ("client_id", "gpubox".to_owned()),
-        ("scope", scope),
-    ];
-    if let Some(service) = param("service") {
-        form.push(("service", service));
+/// An identity token and the access token it was last exchanged for, renewed when it is about
+/// to expire: a pull of large layers can outlive the few minutes a registry gives one (the
+/// spec's default is 60 s).
+struct IdentityToken {
+    /// The registry's host as requests go to it (`index.docker.io` for `docker.io`).
+    host: String,
+    repository: String,
+    identity: String,
+    /// When the access token has a fifth of its life left.
+    renew_at: Option<Instant>,
+}
+
+impl IdentityToken {
+    fn new(host: &str, repository: &str, identity: String) -> IdentityToken {
+        IdentityToken { host: host.to_owned(), repository: repository.to_owned(), identity, renew_at: None }
     }
-    let answer = client.post(&realm).form(&form).send().await.map_err(|e| format!("{realm}: {e}"))?;
-    let status = answer.status();
-    let body = answer.text().await.map_err(|e| format!("{realm}: {e}"))?;
-    if !status.is_success() {
-        return Err(format!("{realm} refused the token ({status}): {}", body.chars().take(200).collect::<String>()));
+
+    /// Whether the access token has less than a fifth of its life left.
+    fn due(&self) -> bool {
+        self.renew_at.is_some_and(|at| at <= Instant::now())
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&body).map_err(|e| format!("{realm}: its answer is not JSON: {e}"))?;
-    ["access_token", "token"]
-        .iter()
-        .find_map(|k| json.get(k).and_then(|t| t.as_str()).filter(|t| !t.is_empty()))
-        .map(str::to_owned)
-        .ok_or_else(|| format!("{realm}: its answer has no access_token"))
+
+    /// Exchanges the identity token for an access token to pull the repository, as Docker and
+    /// Podman do (the distribution spec's OAuth2 token authentication): the registry's `/v2/`
+    /// answers with a `Bearer` challenge naming its token service (`realm`) and `service`; a
+    /// POST there with `grant_type=refresh_token` answers with the `access_token` (or `token`)
+    /// and its `expires_in`. A registry that asks for no token is pulled from anonymously.
+    async fn exchange(&mut self) -> Result<RegistryAuth, String> {
+        let loopback = is_loopback(&self.host);
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .timeout(Duration::from_secs(60))
+            // The identity token goes to the realm the registry named, and nowhere else.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let scheme = if loopback { "http" } else { "https" };
+        let ping = client.get(format!("{scheme}://{}/v2/", self.host)).send().await.map_err(|e| e.to_string())?;
+        let Some(header) = ping.headers().get(reqwest::header::WWW_AUTHENTICATE) else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        let header = header.to_str().map_err(|e| format!("its WWW-Authenticate: {e}"))?.to_owned();
+        let challenges =
+            http_auth::parse_challenges(&header).map_err(|e| format!("its WWW-Authenticate '{header}': {e}"))?;
+        let bearer = challenges
+            .iter()
+            .find(|c| c.scheme.eq_ignore_ascii_case("bearer"))
+            .ok_or_else(|| format!("its WWW-Authenticate '{header}' offers no Bearer token service"))?;
+        let param = |name: &str| {
+            bearer.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.to_unescaped())
+        };
+        let realm = param("realm").ok_or_else(|| format!("its Bearer challenge '{header}' names no realm"))?;
+        let secure = realm.starts_with("https://") || (loopback && realm.starts_with("http://"));
+        if !secure {
+            return Err(format!("its token service {realm} is not HTTPS: the identity token is not sent there"));
+        }
+        let mut form = vec![
+            ("grant_type", "refresh_token".to_owned()),
+            ("refresh_token", self.identity.clone()),
+            ("client_id", "gpubox".to_owned()),
+            ("scope", format!("repository:{}:pull", self.repository)),
+        ];
+        if let Some(service) = param("service") {
+            form.push(("service", service));
+        }
+        let asked = Instant::now();
+        let answer = client.post(&realm).form(&form).send().await.map_err(|e| format!("{realm}: {e}"))?;
+        let status = answer.status();
+        let body = answer.text().await.map_err(|e| format!("{realm}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!(
+                "{realm} refused the token ({status}): {}",
+                body.chars().take(200).collect::<String>()
+            ));
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{realm}: its answer is not JSON: {e}"))?;
+        let access = ["access_token", "token"]
+            .iter()
+            .find_map(|k| json.get(k).and_then(|t| t.as_str()).filter(|t| !t.is_empty()))
+            .ok_or_else(|| format!("{realm}: its answer has no access_token"))?;
+        let lifetime = json.get("expires_in").and_then(|e| e.as_u64()).unwrap_or(60);
+        self.renew_at = Some(asked + Duration::from_secs(lifetime) * 4 / 5);
+        Ok(RegistryAuth::Bearer(access.to_owned()))
+    }
 }
 
 #[cfg(test)]
@@ -348,8 +403,10 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (host, served) = token_service(r#"{"access_token":"access","expires_in":300}"#);
-        let r = registry(&format!("{host}/team/job:1"));
-        assert_eq!(runtime.block_on(exchange_identity_token(&r, "refresh")).unwrap(), "access");
+        let mut token = IdentityToken::new(&host, "team/job", "refresh".into());
+        let access = runtime.block_on(token.exchange()).unwrap();
+        assert_eq!(format!("{access:?}"), format!("{:?}", RegistryAuth::Bearer("access".into())));
+        assert!(!token.due(), "a token of 300 s is due at once");
         let posted = served.join().unwrap();
         for field in [
             "grant_type=refresh_token",
@@ -360,8 +417,7 @@ mod tests {
             assert!(posted.contains(field), "{field} not in {posted}");
         }
         let (host, _) = token_service(r#"{"error":"nope"}"#);
-        let err =
-            runtime.block_on(exchange_identity_token(&registry(&format!("{host}/job:1")), "refresh")).unwrap_err();
+        let err = runtime.block_on(IdentityToken::new(&host, "job", "refresh".into()).exchange()).unwrap_err();
         assert!(err.contains("no access_token"), "{err}");
     }
 

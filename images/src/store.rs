@@ -85,8 +85,8 @@ pub struct WritableLayer {
 }
 
 impl WritableLayer {
-    /// At the container's end: what an ephemeral layer holds is thrown away (an empty upper
-    /// directory is kept for the next start; the work directory of its volatile mount goes).
+    /// At the container's end: an ephemeral layer is thrown away (its directory, lock and
+    /// record stay for the next start).
     pub fn finish(mut self) -> Result<(), Error> {
         let ephemeral = std::mem::take(&mut self.ephemeral);
         if ephemeral {
@@ -96,11 +96,11 @@ impl WritableLayer {
     }
 }
 
-/// Empties an ephemeral writable layer.
+/// Empties an ephemeral writable layer: `upper/` goes whole, even when it holds no file (the
+/// overlay's `/` is that directory itself: its mode, owner, times and extended attributes are
+/// what the container made them), and the volatile mount's `work/`.
 fn empty(upper: &Path, work: &Path) -> Result<(), Error> {
-    if !is_empty_dir(upper) {
-        remove_tree(upper)?;
-    }
+    remove_tree(upper)?;
     remove_tree(work)
 }
 
@@ -188,15 +188,17 @@ impl Store {
     /// files are named with its pid).
     pub fn discard_work_of(&self, pid: u32) -> Result<(), Error> {
         let mark = format!("-{pid}-");
+        let mut first_error = None;
         for entry in fs::read_dir(self.tmp()).map_err(|e| Error::io(&self.tmp(), e))?.flatten() {
             if entry.file_name().to_string_lossy().contains(&mark) {
-                match entry.file_type() {
-                    Ok(t) if t.is_dir() => remove_tree(&entry.path())?,
-                    _ => fs::remove_file(entry.path()).map_err(|e| Error::io(&entry.path(), e))?,
-                }
+                let removed = match entry.file_type() {
+                    Ok(t) if t.is_dir() => remove_tree(&entry.path()),
+                    _ => fs::remove_file(entry.path()).map_err(|e| Error::io(&entry.path(), e)),
+                };
+                first_error = first_error.or(removed.err());
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The directory of a layer, whether or not the store has it.
@@ -241,6 +243,17 @@ impl Store {
             Err(e) => return Err(Error::io(&self.layer_dir(diff_id), e)),
         }
         Ok(size)
+    }
+
+    /// The hex names of every layer directory in the store.
+    fn all_layers(&self) -> Result<Vec<String>, Error> {
+        let layers = self.root.join("layers");
+        let dir = fs::read_dir(&layers).map_err(|e| Error::io(&layers, e))?;
+        Ok(dir
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".json"))
+            .collect())
     }
 
     fn layer_size(&self, diff_id: &Digest) -> Option<u64> {
@@ -323,8 +336,9 @@ impl Store {
         Ok(records)
     }
 
-    /// The running containers, each with the image it runs from and that image's layers.
-    fn in_use(&self) -> Result<BTreeMap<String, (String, Vec<Digest>)>, Error> {
+    /// The running containers, each with the image it runs from and that image's layers (None
+    /// where its record cannot be read: prune then keeps every layer).
+    fn in_use(&self) -> Result<BTreeMap<String, Running>, Error> {
         let mut used = BTreeMap::new();
         let Ok(dir) = fs::read_dir(self.containers()) else { return Ok(used) };
         for entry in dir.flatten() {
@@ -332,11 +346,12 @@ impl Store {
             let lock = entry.path().join("lock");
             let Ok(file) = File::open(&lock) else { continue };
             if Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err() {
-                let record = fs::read(entry.path().join("image.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<ContainerRecord>(&b).ok());
-                let (image, layers) = record.map_or_else(Default::default, |r| (r.image, r.layers));
-                used.insert(name, (image, layers));
+                let record = ContainerRecord::read(&entry.path());
+                let running = record.map_or(Running { image: String::new(), layers: None }, |r| Running {
+                    image: r.image,
+                    layers: Some(r.layers),
+                });
+                used.insert(name, running);
             }
         }
         Ok(used)
@@ -358,8 +373,7 @@ impl Store {
                 let layers: BTreeSet<&Digest> = r.layers.iter().collect();
                 let size = layers.iter().map(|l| self.layer_size(l).unwrap_or(0)).sum();
                 let unique = layers.iter().filter(|l| users[*l] == 1).map(|l| self.layer_size(l).unwrap_or(0)).sum();
-                let in_use_by =
-                    in_use.iter().filter(|(_, (image, _))| *image == r.name).map(|(n, _)| n.clone()).collect();
+                let in_use_by = in_use.iter().filter(|(_, c)| c.image == r.name).map(|(n, _)| n.clone()).collect();
                 Listed { record: r.clone(), size, unique, in_use_by }
             })
             .collect())
@@ -370,8 +384,7 @@ impl Store {
     pub fn remove(&self, name: &str) -> Result<ImageRecord, Error> {
         let _lock = self.exclusive()?;
         let record = self.lookup(name)?.ok_or_else(|| Error::image(name, "no such image in the store"))?;
-        let users: Vec<String> =
-            self.in_use()?.into_iter().filter(|(_, (image, _))| image == name).map(|(n, _)| n).collect();
+        let users: Vec<String> = self.in_use()?.into_iter().filter(|(_, c)| c.image == name).map(|(n, _)| n).collect();
         if !users.is_empty() {
             return Err(Error::InUse(format!("{name}: in use by running container(s) {}", users.join(", "))));
         }
@@ -394,8 +407,12 @@ impl Store {
             keep_blobs.insert(r.config.hex().to_owned());
             keep_blobs.extend(r.manifest.iter().map(|m| m.hex().to_owned()));
         }
-        for (_, layers) in in_use.values() {
-            keep_layers.extend(layers.iter().map(|l| l.hex().to_owned()));
+        for running in in_use.values() {
+            match &running.layers {
+                Some(layers) => keep_layers.extend(layers.iter().map(|l| l.hex().to_owned())),
+                // A running container whose layers are not known: none may go.
+                None => keep_layers.extend(self.all_layers()?),
+            }
         }
         let mut freed = 0;
         let layers = self.root.join("layers");
@@ -460,13 +477,9 @@ impl Store {
         let (upper, work) = (dir.join("upper"), dir.join("work"));
         let marker = dir.join("ephemeral");
         if ephemeral {
-            // What a container that was killed wrote is thrown away now; an empty upper
-            // directory is kept as it is. The work directory of a volatile mount cannot be
-            // mounted again (overlayfs's `work/incompat/volatile`): it is always made afresh.
-            if !is_empty_dir(&upper) {
-                remove_tree(&upper)?;
-            }
-            remove_tree(&work)?;
+            // What a container that was killed left is thrown away now (the work directory of
+            // a volatile mount cannot be mounted again: overlayfs's `work/incompat/volatile`).
+            empty(&upper, &work)?;
             if !marker.exists() {
                 File::create(&marker).map_err(|e| Error::io(&marker, e))?;
             }
@@ -499,11 +512,31 @@ impl Store {
     }
 }
 
+/// A running container, as prune and remove see it.
+struct Running {
+    image: String,
+    /// None where its record cannot be read.
+    layers: Option<Vec<Digest>>,
+}
+
 /// `containers/NAME/image.json`: the image a container runs from, and that image's layers.
 #[derive(Debug, Serialize, Deserialize)]
 struct ContainerRecord {
     image: String,
     layers: Vec<Digest>,
+}
+
+impl ContainerRecord {
+    /// The record of the container directory `dir`: `image.json`, or the `image` and `layers`
+    /// files that a supervisor of gpubox 0.1 before it wrote (one may still run after an
+    /// upgrade, and its layers must not be pruned from under it).
+    fn read(dir: &Path) -> Option<ContainerRecord> {
+        if let Ok(bytes) = fs::read(dir.join("image.json")) {
+            return serde_json::from_slice(&bytes).ok();
+        }
+        let layers = serde_json::from_slice(&fs::read(dir.join("layers")).ok()?).ok()?;
+        Some(ContainerRecord { image: fs::read_to_string(dir.join("image")).ok()?, layers })
+    }
 }
 
 /// Makes a directory unless it is there.
@@ -577,4 +610,60 @@ fn remove_tree(path: &Path) -> Result<(), Error> {
 /// The seconds since the epoch, for records.
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(store: &Store, file: &str) -> Digest {
+        let mut t = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_path(file).unwrap();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_cksum();
+        t.append(&h, &[][..]).unwrap();
+        let tar = t.into_inner().unwrap();
+        let diff_id = Digest::of(&tar);
+        store.add_layer(&diff_id, None, &tar[..]).unwrap();
+        diff_id
+    }
+
+    /// A running container's lock, as its supervisor holds it.
+    fn running(store: &Store, name: &str) -> Flock<File> {
+        let dir = store.containers().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        Flock::lock(open_lock_file(&dir.join("lock")).unwrap(), FlockArg::LockExclusive).unwrap()
+    }
+
+    /// After an upgrade, a container that an earlier supervisor started still runs, with its
+    /// record in `image` and `layers`; one whose record cannot be read keeps every layer.
+    #[test]
+    fn prune_keeps_the_layers_of_every_running_container() {
+        // The store must be root's.
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let (old, unknown) = (layer(&store, "old"), layer(&store, "unknown"));
+        let old_lock = running(&store, "old");
+        let old_dir = store.containers().join("old");
+        fs::write(old_dir.join("layers"), serde_json::to_vec(&[&old]).unwrap()).unwrap();
+        fs::write(old_dir.join("image"), "docker.io/library/gone:1").unwrap();
+        let unknown_lock = running(&store, "unreadable");
+        store.prune().unwrap();
+        assert!(store.has_layer(&old) && store.has_layer(&unknown), "a running container's layer was pruned");
+        drop(unknown_lock);
+        store.prune().unwrap();
+        assert!(store.has_layer(&old), "the earlier supervisor's container lost its layer");
+        assert!(!store.has_layer(&unknown), "a layer no one uses was kept");
+        drop(old_lock);
+        store.prune().unwrap();
+        assert!(!store.has_layer(&old));
+    }
 }

@@ -75,9 +75,9 @@ impl Overlay {
         mounted
     }
 
-    /// Mounts from the layers' directory, naming them relative to it (`layer-0:layer-1:…`):
-    /// overlayfs's options are one page, which 4096 / 9 bytes a layer leave room for the 500
-    /// layers overlayfs stacks at most (with full paths into the store, about 45).
+    /// Mounts from the layers' directory, naming them relative to it (`layer-0:layer-1:…`, top
+    /// first): overlayfs's options are one page, which leaves room for about 400 layers so
+    /// named (Docker builds images of at most 127), where full paths into the store held 45.
     fn mount_now(&self) -> Result<()> {
         let dir = self.lower.first().and_then(|l| l.parent()).context("an image without layers")?;
         let mut lower = Vec::new();
@@ -89,6 +89,10 @@ impl Overlay {
         }
         let mut options =
             format!("lowerdir={},upperdir={},workdir={}", lower.join(":"), self.upper.display(), self.work.display());
+        // No index (a host's `overlay.index=Y` would otherwise tie the upper layer to the
+        // lower layers it was first mounted on, and a kept layer would not mount over a new
+        // image's).
+        options.push_str(",index=off");
         if self.volatile {
             options.push_str(",volatile");
         }

@@ -133,11 +133,15 @@ fn fetch_in_helper(store: &Store, image: &ImageRef) -> Result<()> {
         }
         if let Some(sig) = crate::allocator::stop_requested() {
             let _ = helper.kill();
-            let _ = helper.wait();
-            // Killed, it left what it was unpacking: nothing of it stays.
+            // Killed, it left what it was unpacking: nothing of it stays. Its pid names that
+            // work, so it is removed while the pid is still the helper's (ended, not reaped).
+            let pid = nix::unistd::Pid::from_raw(helper.id() as i32);
+            let flags = nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT;
+            let _ = nix::sys::wait::waitid(nix::sys::wait::Id::Pid(pid), flags);
             if let Err(e) = store.discard_work_of(helper.id()) {
                 log::warn(&format!("removing what the stopped fetch left: {e}"));
             }
+            let _ = helper.wait();
             return Err(crate::allocator::Stopped(sig, "fetching the image").into());
         }
         if extended.elapsed() >= Duration::from_secs(20) {
