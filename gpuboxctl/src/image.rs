@@ -130,6 +130,7 @@ fn fetch(store: &Store, image: &ImageRef, json: bool) -> Result<ExitCode> {
                 }
                 _ => format!("layer {index}/{layers}: {}", human(done)),
             },
+            Progress::Unpacking { index } => format!("layer {index}/{layers}: unpacking"),
             Progress::Unpacked { index, size } => format!("layer {index}/{layers}: unpacked, {}", human(size)),
         };
         if terminal {

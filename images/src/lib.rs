@@ -33,8 +33,11 @@ pub enum Progress {
     Resolved { layers: usize },
     /// Layer `index` (from 1) is in the store already: nothing fetched.
     Have { index: usize, diff_id: Digest },
-    /// Layer `index` is being fetched and unpacked: `done` of `total` bytes (compressed) read.
+    /// Layer `index` is being fetched (from a registry: downloaded; from a file: read and
+    /// unpacked): `done` of `total` bytes (compressed).
     Fetching { index: usize, done: u64, total: Option<u64> },
+    /// Layer `index` is downloaded, and being unpacked.
+    Unpacking { index: usize },
     /// Layer `index` is unpacked: `size` bytes of files.
     Unpacked { index: usize, size: u64 },
 }

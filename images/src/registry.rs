@@ -136,11 +136,12 @@ async fn pull_async(
         let scratch = store.scratch("download")?;
         let path = scratch.0.join("blob");
         let file = tokio::fs::File::create(&path).await.map_err(|e| Error::io(&path, e))?;
-        progress(Progress::Fetching { index: i + 1, done: 0, total: Some(layer.size()) });
+        let counted = CountingWriter::new(file, i + 1, Some(layer.size()), progress);
         client
-            .pull_blob(&reference, digest.as_str(), file)
+            .pull_blob(&reference, digest.as_str(), counted)
             .await
             .map_err(|e| failed(&format!("getting layer {}", i + 1), &e))?;
+        progress(Progress::Unpacking { index: i + 1 });
         let size = unpack_downloaded(store, diff_id, &digest, &path, i + 1, progress)
             .map_err(|e| Error::image(image, format!("layer {}: {e}", i + 1)))?;
         progress(Progress::Unpacked { index: i + 1, size });
@@ -156,10 +157,61 @@ fn unpack_downloaded(
     index: usize,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<u64, Error> {
-    // The download reported its start; the unpacking reports its end.
+    // The download reported itself; the unpacking reports its end.
     let _ = (index, progress);
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     store.add_layer(diff_id, Some(blob), file)
+}
+
+/// Reports what was written through it as `Fetching`, at its start and every 8 MiB: a layer's
+/// download, as it comes.
+struct CountingWriter<'a, W> {
+    inner: W,
+    index: usize,
+    done: u64,
+    total: Option<u64>,
+    reported: u64,
+    progress: &'a mut dyn FnMut(Progress),
+}
+
+impl<'a, W> CountingWriter<'a, W> {
+    fn new(inner: W, index: usize, total: Option<u64>, progress: &'a mut dyn FnMut(Progress)) -> Self {
+        progress(Progress::Fetching { index, done: 0, total });
+        CountingWriter { inner, index, done: 0, total, reported: 0, progress }
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingWriter<'_, W> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = written {
+            this.done += n as u64;
+            if this.done - this.reported >= 8 << 20 || Some(this.done) == this.total {
+                this.reported = this.done;
+                (this.progress)(Progress::Fetching { index: this.index, done: this.done, total: this.total });
+            }
+        }
+        written
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 fn is_loopback(registry: &str) -> bool {

@@ -170,7 +170,7 @@ pub fn fetch(reference: &str) -> Result<()> {
         Progress::Fetching { index, done: 0, total } => {
             eprintln!("{image}: layer {index}: fetching{}", total.map(|t| format!(" ({})", mib(t))).unwrap_or_default())
         }
-        Progress::Fetching { .. } => {}
+        Progress::Fetching { .. } | Progress::Unpacking { .. } => {}
         Progress::Unpacked { index, size } => eprintln!("{image}: layer {index}: unpacked ({})", mib(size)),
     };
     let record = gpubox_images::fetch(&store, &image, &mut progress)?;

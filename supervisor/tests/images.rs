@@ -458,6 +458,51 @@ fn an_image_is_pulled_from_a_real_registry() {
     assert_eq!(r.err.matches("in the store already").count(), 2, "{}", r.err);
 }
 
+/// A pull shows its download as it comes (every 8 MiB), then the unpacking, then the end: what
+/// `gpuboxctl image pull` shows on a terminal, for layers that take minutes.
+#[test]
+fn a_pull_reports_its_download_as_it_comes() {
+    if !privileged() {
+        return;
+    }
+    let Some(registry) = common::registry::Registry::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let mut x: u32 = 1;
+    let noise: Vec<u8> = (0..20 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let layers = vec![oci::tar_of(&busybox_root(&dir.path().join("base"))), oci::layer_of(&[("data/noise", &noise)])];
+    let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, json!({"Cmd": ["/bin/true"]}), false);
+    let reference: gpubox_images::ImageRef = registry.push(&layout, "v1", "team/big").parse().unwrap();
+    let mut seen = Vec::new();
+    let stored = gpubox_images::Store::open(store.0.path()).unwrap();
+    gpubox_images::fetch(&stored, &reference, &mut |p| seen.push(p)).unwrap();
+    use gpubox_images::Progress::{Fetching, Unpacked, Unpacking};
+    let of_layer_2: Vec<_> = seen
+        .iter()
+        .filter(|p| matches!(p, Fetching { index: 2, .. } | Unpacking { index: 2 } | Unpacked { index: 2, .. }))
+        .collect();
+    // As the registry has the blob (skopeo compresses it on the push).
+    let Some(Fetching { total: Some(total), .. }) = of_layer_2.first() else { panic!("{of_layer_2:?}") };
+    let total = *total;
+    let dones: Vec<u64> =
+        of_layer_2.iter().filter_map(|p| if let Fetching { done, .. } = p { Some(*done) } else { None }).collect();
+    assert_eq!(dones.first(), Some(&0), "{of_layer_2:?}");
+    assert_eq!(dones.last(), Some(&total), "{of_layer_2:?}");
+    assert!(dones.iter().any(|&d| d > 0 && d < total), "no progress while downloading: {of_layer_2:?}");
+    assert!(dones.windows(2).all(|w| w[0] < w[1]), "{dones:?}");
+    assert!(
+        matches!(of_layer_2[of_layer_2.len() - 2..], [Unpacking { index: 2 }, Unpacked { index: 2, .. }]),
+        "{of_layer_2:?}"
+    );
+}
+
 /// Two containers of one image at once: each writes in its own writable layer and sees only
 /// its own writes; the layers' bytes, modes and owners are the same after as before.
 #[test]
