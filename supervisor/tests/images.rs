@@ -135,8 +135,9 @@ fn exec_replaces_the_images_cmd_and_user_namespace_host_works_too() {
     assert_eq!(value(&r, "cmd"), "exec uid=1000", "Exec= replaces Cmd after the Entrypoint; User from the image");
 }
 
-/// Overlayfs's options are one page: an image with many layers (Docker allows 127, overlayfs
-/// stacks 500) must not run out of it, with or without the user namespace.
+/// Overlayfs's options are one page: an image with many layers (Docker builds at most 127;
+/// the layers' names leave room for about 400) must not run out of it, with or without the
+/// user namespace.
 #[test]
 fn an_image_of_many_layers_runs() {
     if !privileged() {
@@ -349,7 +350,7 @@ fn pull_never_and_an_unreachable_registry_fail_clearly() {
 }
 
 /// A stop (SIGTERM, as `systemctl stop` sends) while the image is being fetched, from a
-/// registry that never answers and from an archive that stalls halfway (a FIFO, as a slow
+/// registry that never answers and from an archive that stalls three quarters in (a FIFO, as a slow
 /// network file system would): the fetch ends with its supervisor, which exits as stopped
 /// (128+15 standalone), and the store keeps nothing of it, not even the half-unpacked layer.
 #[test]
