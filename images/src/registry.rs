@@ -70,7 +70,7 @@ async fn pull_async(
         (Some(t), None) => Reference::with_tag(r.registry.clone(), r.repository.clone(), t.clone()),
         (None, None) => unreachable!("a normalised reference has a tag or a digest"),
     };
-    let token_failed = |e: String| failed("exchanging the auth file's identitytoken", &e);
+    let token_failed = |e: String| failed(&format!("exchanging the identitytoken of {}", auth_file().display()), &e);
     let mut renewing = None;
     let auth = match credentials(r)? {
         Credentials::Anonymous => RegistryAuth::Anonymous,
@@ -214,6 +214,12 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingWriter<
     }
 }
 
+/// Whether a token service may be sent the identity token: over HTTPS, or over plain HTTP for a
+/// registry on the loopback address (spoken to over HTTP itself).
+fn may_receive_token(realm: &str, loopback: bool) -> bool {
+    realm.starts_with("https://") || (loopback && realm.starts_with("http://"))
+}
+
 fn is_loopback(registry: &str) -> bool {
     let host = registry
         .rsplit_once(':')
@@ -226,13 +232,18 @@ fn is_loopback(registry: &str) -> bool {
 /// containers-auth.json(5) looks them up: the most specific `registry/namespace` key first,
 /// then the registry; `docker.io` also under Docker's own spellings.
 fn credentials(r: &Registry) -> Result<Credentials, Error> {
-    let path = std::env::var_os("REGISTRY_AUTH_FILE").map(PathBuf::from).unwrap_or_else(|| AUTH_FILE.into());
+    let path = auth_file();
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Credentials::Anonymous),
         Err(e) => return Err(Error::io(&path, e)),
     };
     lookup(&bytes, r).map_err(|m| Error::Format(format!("{}: {m}", path.display())))
+}
+
+/// `REGISTRY_AUTH_FILE`, as Podman reads it, or [`AUTH_FILE`].
+fn auth_file() -> PathBuf {
+    std::env::var_os("REGISTRY_AUTH_FILE").map(PathBuf::from).unwrap_or_else(|| AUTH_FILE.into())
 }
 
 /// What the auth file holds for a registry.
@@ -342,8 +353,7 @@ impl IdentityToken {
             bearer.params.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.to_unescaped())
         };
         let realm = param("realm").ok_or_else(|| format!("its Bearer challenge '{header}' names no realm"))?;
-        let secure = realm.starts_with("https://") || (loopback && realm.starts_with("http://"));
-        if !secure {
+        if !may_receive_token(&realm, loopback) {
             return Err(format!("its token service {realm} is not HTTPS: the identity token is not sent there"));
         }
         let mut form = vec![
@@ -407,18 +417,23 @@ mod tests {
         assert_eq!(got("team.azurecr.io/job:1"), Credentials::IdentityToken("refresh".into()));
         assert_eq!(got("quay.io/x/y"), Credentials::Anonymous);
         assert!(lookup(b"{}", &registry("busybox")).is_err());
+        // Secrets are not printed.
+        for printed in [format!("{:?}", got("ghcr.io/other/job")), format!("{:?}", got("team.azurecr.io/job:1"))] {
+            assert!(!printed.contains("general") && !printed.contains("refresh"), "{printed}");
+        }
     }
 
     /// A token service as the distribution spec describes it, on the loopback address: `/v2/`
-    /// challenges, the POST must carry the refresh token, the grant and the scope.
-    fn token_service(answer: &'static str) -> (String, std::thread::JoinHandle<String>) {
+    /// challenges (unless `challenge` is false: a registry open to all), the POST must carry the
+    /// refresh token, the grant and the scope.
+    fn token_service(answer: &'static str, challenge: bool) -> (String, std::thread::JoinHandle<String>) {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let host = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
         let realm = format!("http://{host}/token");
         let served = std::thread::spawn(move || {
             let mut posted = String::new();
-            for _ in 0..2 {
+            for _ in 0..if challenge { 2 } else { 1 } {
                 let (stream, _) = listener.accept().unwrap();
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut request = String::new();
@@ -437,7 +452,9 @@ mod tests {
                 let mut body = vec![0; length];
                 reader.read_exact(&mut body).unwrap();
                 let mut stream = stream;
-                if request.starts_with("GET /v2/ ") {
+                if request.starts_with("GET /v2/ ") && !challenge {
+                    write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").unwrap();
+                } else if request.starts_with("GET /v2/ ") {
                     let challenge = format!("Bearer realm=\"{realm}\",service=\"test-registry\"");
                     write!(stream, "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {challenge}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
                 } else {
@@ -454,7 +471,7 @@ mod tests {
     fn an_identity_token_is_exchanged_for_an_access_token() {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (host, served) = token_service(r#"{"access_token":"access","expires_in":300}"#);
+        let (host, served) = token_service(r#"{"access_token":"access","expires_in":300}"#, true);
         let mut token = IdentityToken::new(&host, "team/job", "refresh".into());
         let access = runtime.block_on(token.exchange()).unwrap();
         assert_eq!(format!("{access:?}"), format!("{:?}", RegistryAuth::Bearer("access".into())));
@@ -468,9 +485,27 @@ mod tests {
         ] {
             assert!(posted.contains(field), "{field} not in {posted}");
         }
-        let (host, _) = token_service(r#"{"error":"nope"}"#);
+        let (host, _) = token_service(r#"{"error":"nope"}"#, true);
         let err = runtime.block_on(IdentityToken::new(&host, "job", "refresh".into()).exchange()).unwrap_err();
         assert!(err.contains("no access_token"), "{err}");
+        // A token that lives no time is renewed before the next layer.
+        let (host, _) = token_service(r#"{"access_token":"brief","expires_in":0}"#, true);
+        let mut brief = IdentityToken::new(&host, "job", "refresh".into());
+        runtime.block_on(brief.exchange()).unwrap();
+        assert!(brief.due());
+        // A registry that asks for no token is pulled from anonymously, the token not sent.
+        let (host, served) = token_service(r#"{"access_token":"unasked"}"#, false);
+        let open = runtime.block_on(IdentityToken::new(&host, "job", "refresh".into()).exchange()).unwrap();
+        assert_eq!(format!("{open:?}"), format!("{:?}", RegistryAuth::Anonymous));
+        assert_eq!(served.join().unwrap(), "", "the identity token was posted");
+    }
+
+    #[test]
+    fn the_identity_token_goes_only_over_https() {
+        assert!(may_receive_token("https://auth.example.com/token", false));
+        assert!(!may_receive_token("http://auth.example.com/token", false));
+        assert!(may_receive_token("http://127.0.0.1:5000/token", true));
+        assert!(!may_receive_token("ftp://auth.example.com/token", true));
     }
 
     #[test]

@@ -207,13 +207,39 @@ fn a_changed_local_image_is_imported_again() {
     }
 }
 
+/// overlayfs's `index` default set to Y (as `overlay.index=Y` or a kernel built with it sets
+/// it) while this lives, then back. With the index, overlayfs ties an upper layer to the lower
+/// layers it was first mounted on, and refuses it over others ("failed to verify upper root
+/// origin"), unless the mount says `index=off`.
+struct OverlayIndexOn(String);
+
+impl OverlayIndexOn {
+    const PARAMETER: &'static str = "/sys/module/overlay/parameters/index";
+
+    fn set() -> Option<OverlayIndexOn> {
+        let before = fs::read_to_string(Self::PARAMETER).ok()?;
+        fs::write(Self::PARAMETER, "Y").ok()?;
+        Some(OverlayIndexOn(before))
+    }
+}
+
+impl Drop for OverlayIndexOn {
+    fn drop(&mut self) {
+        let _ = fs::write(Self::PARAMETER, self.0.trim());
+    }
+}
+
 /// `Ephemeral=no` keeps the writable layer by the container's name: when the image under it
-/// changes layers, the start says so (what it holds hides the new image's files of its paths).
+/// changes layers, the start says so (what it holds hides the new image's files of its paths),
+/// and it mounts over the new layers even on a host whose overlayfs indexes by default (the
+/// other tests of this file mount their overlays with `index=off` too, so the setting, global,
+/// does not change them).
 #[test]
 fn a_kept_writable_layer_over_other_layers_is_warned_of() {
     if !privileged() {
         return;
     }
+    let _index = OverlayIndexOn::set();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new();
     let mut layers = oci::two_layers(dir.path());
