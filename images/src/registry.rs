@@ -19,7 +19,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 use oci_client::{Client, Reference};
 use oci_spec::image::{ImageIndex, ImageManifest, MediaType};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Where credentials are read from unless `REGISTRY_AUTH_FILE` says otherwise.
@@ -142,25 +142,13 @@ async fn pull_async(
             .await
             .map_err(|e| failed(&format!("getting layer {}", i + 1), &e))?;
         progress(Progress::Unpacking { index: i + 1 });
-        let size = unpack_downloaded(store, diff_id, &digest, &path, i + 1, progress)
+        let downloaded = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let size = store
+            .add_layer(diff_id, Some(&digest), downloaded)
             .map_err(|e| Error::image(image, format!("layer {}: {e}", i + 1)))?;
         progress(Progress::Unpacked { index: i + 1, size });
     }
     store.name_image(image.name(), Some(manifest_digest), config_digest, defaults.diff_ids, None)
-}
-
-fn unpack_downloaded(
-    store: &Store,
-    diff_id: &Digest,
-    blob: &Digest,
-    path: &Path,
-    index: usize,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<u64, Error> {
-    // The download reported itself; the unpacking reports its end.
-    let _ = (index, progress);
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    store.add_layer(diff_id, Some(blob), file)
 }
 
 /// Reports what was written through it as `Fetching`, at its start and every 8 MiB: a layer's

@@ -297,7 +297,7 @@ impl Store {
     }
 
     /// Names an image: its record, written last, once all it points at is in the store.
-    pub fn commit(&self, record: &ImageRecord) -> Result<(), Error> {
+    fn commit(&self, record: &ImageRecord) -> Result<(), Error> {
         for layer in &record.layers {
             if !self.has_layer(layer) {
                 return Err(Error::image(&record.name, format!("layer {layer} is missing")));
@@ -617,17 +617,7 @@ mod tests {
     use super::*;
 
     fn layer(store: &Store, file: &str) -> Digest {
-        let mut t = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_ustar();
-        h.set_path(file).unwrap();
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_mode(0o644);
-        h.set_size(0);
-        h.set_cksum();
-        t.append(&h, &[][..]).unwrap();
-        let tar = t.into_inner().unwrap();
+        let tar = crate::unpack::tests::tar_of(&[(file, tar::EntryType::Regular, b"", None)]);
         let diff_id = Digest::of(&tar);
         store.add_layer(&diff_id, None, &tar[..]).unwrap();
         diff_id

@@ -168,7 +168,7 @@ fn whiteout(parent: &Path, name: &[u8], entry: &Path) -> Result<(), Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A tar built by hand, entry by entry, as an image builder would write it.

@@ -40,6 +40,8 @@ pub struct Overlay {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub target: PathBuf,
+    /// The image store's root, for messages.
+    pub store: PathBuf,
     /// Under the user namespace, the host id of the container's root: the overlay is mounted
     /// with it as its file-system id, because overlayfs works in its layers with its mounter's
     /// credentials (copy-up, whiteouts, its work directory), and through idmapped layers only
@@ -103,11 +105,12 @@ impl Overlay {
         std::env::set_current_dir("/").context("leaving the layers' directory")?;
         mounted.with_context(|| {
             format!(
-                "{}: mounting its {} layers with overlayfs (the store, {}, must be on a file system overlayfs \
+                "{}: mounting its {} layer{} with overlayfs (the store, {}, must be on a file system overlayfs \
                  can take as upper layer: ext4, xfs, btrfs, not overlayfs itself)",
                 self.what,
                 self.lower.len(),
-                gpubox_images::Store::open_default().map(|s| s.root().display().to_string()).unwrap_or_default()
+                if self.lower.len() == 1 { "" } else { "s" },
+                self.store.display()
             )
         })
     }

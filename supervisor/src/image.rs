@@ -23,6 +23,8 @@ pub struct ImageRoot {
     pub lower: Vec<PathBuf>,
     /// The container's writable layer, locked as in use while this lives.
     pub writable: WritableLayer,
+    /// The store's root, for messages.
+    pub store: PathBuf,
 }
 
 impl ImageRoot {
@@ -76,7 +78,7 @@ pub fn prepare(d: &mut Definition) -> Result<Option<ImageRoot>> {
     drop(lock);
     let lower = record.layers.iter().rev().map(|l| store.layer_dir(l)).collect();
     log::info(&format!("image {image} ({}, {} layers)", record.config.short(), record.layers.len()));
-    Ok(Some(ImageRoot { what: format!("Image={image}"), lower, writable }))
+    Ok(Some(ImageRoot { what: format!("Image={image}"), lower, writable, store: store.root().to_owned() }))
 }
 
 /// The command, environment, working directory and user the image supplies where the

@@ -215,6 +215,7 @@ fn image_root(
         upper,
         work,
         target,
+        store: image.store.clone(),
         creator: plan.user_namespace.then_some(owner),
         volatile: w.ephemeral,
     })
