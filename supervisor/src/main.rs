@@ -41,6 +41,10 @@ use gpubox_definition::{SearchPath, Sources};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The most threads the control socket's blocking work may hold at once. Its calls are short
+/// (a credential read, a close) or serialised by the live state's lock anyway.
+const BLOCKING_THREADS: usize = 8;
+
 const USAGE: &str = "usage: gpubox-supervisor run NAME
        gpubox-supervisor run --definition FILE
 
@@ -53,6 +57,11 @@ fn main() -> ExitCode {
     // Nothing the caller left open reaches a helper, a hook or the payload (CVE-2024-21626).
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets close-on-exec flags.
     unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) };
+    // zbus does a blocking call of each control connection's handshake and close on the
+    // `blocking` crate's pool, which would grow to 500 threads under a flood of connections. The
+    // pool reads its cap once, at first use; the payload's environment is built apart.
+    // Set while the process has one thread, so nothing can read the environment meanwhile.
+    std::env::set_var("BLOCKING_MAX_THREADS", BLOCKING_THREADS.to_string());
     // Before anything can start a thread (signals.rs says why).
     if let Err(e) = signals::block() {
         eprintln!("gpubox-supervisor: blocking signals: {e}");
