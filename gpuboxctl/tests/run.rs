@@ -168,19 +168,34 @@ fn the_definition_file_is_removed_in_every_case() {
     assert_eq!(run(&["--name", &name, "--", "/nonexistent/command"]).code, 127);
     assert!(!definition_file(&name).exists());
     // Interrupted: SIGTERM to gpuboxctl reaches the payload, and the file still goes.
-    let child = Command::new(CTL)
-        .args(["run", "--name", &name, "--", "/bin/sh", "-c", "trap 'exit 7' TERM; while :; do sleep 0.05; done"])
+    let mut child = Command::new(CTL)
+        .args([
+            "run",
+            "--name",
+            &name,
+            "--",
+            "/bin/sh",
+            "-c",
+            "trap 'exit 7' TERM; echo ready; while :; do sleep 0.05; done",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !definition_file(&name).exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(500)); // the payload is running by now
-                                                               // SAFETY: kill(2) on our own child.
+    // The shell is the container's PID 1, which ignores SIGTERM until its trap is set: it says
+    // when it is.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let _ = tx.send(line);
+    });
+    let ready = rx.recv_timeout(std::time::Duration::from_secs(30));
+    assert_eq!(ready.as_deref().map(str::trim), Ok("ready"), "the payload never started");
+    assert!(definition_file(&name).exists(), "no definition file while it runs");
+    // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));

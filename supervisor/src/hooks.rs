@@ -224,10 +224,14 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
 
+    /// An executable script at `dir/name`, written by `cp` rather than by this process: a
+    /// child that another test thread forks while this process holds the file open for
+    /// writing would keep it open, and executing it would fail with ETXTBSY.
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-        let path = dir.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (source, path) = (dir.join(format!("{name}.source")), dir.join(name));
+        std::fs::write(&source, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(std::process::Command::new("cp").arg(&source).arg(&path).status().unwrap().success());
         path
     }
 
@@ -285,11 +289,11 @@ mod tests {
         // the sleep is a child of the shell: the whole process group must go
         let path = script(tmp.path(), "slow.sh", "echo started >&2\n/bin/sleep 30\necho done\n");
         let start = Instant::now();
-        let e = run_hook(&hook(path, &["slow"], &[], Some(1)), "{}").unwrap_err();
+        let e = run_hook(&hook(path, &["slow"], &[], Some(2)), "{}").unwrap_err();
         let took = start.elapsed();
-        assert!(e.contains("timed out after 1s"), "{e}");
+        assert!(e.contains("timed out after 2s"), "{e}");
         assert!(e.contains("started"), "{e}");
-        assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(5), "{took:?}");
+        assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(15), "{took:?}");
     }
 
     #[test]

@@ -291,7 +291,7 @@ fn account_files_are_read_bounded_and_never_from_a_device() {
     );
     let t = Instant::now();
     let r = run_file(&def, &[]);
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(20), "took {:?}", t.elapsed());
     assert_eq!(r.code, 125);
     assert!(r.err.contains("/etc/passwd in the container: /etc/passwd is not a regular file"), "{}", r.err);
 }
@@ -437,6 +437,8 @@ fn looking_at_the_locks_never_fails_a_start() {
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let _ = Command::new(&ctl).args(["list"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+                    // Often, not so often that the starts it watches starve of CPU.
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                 }
             })
         })

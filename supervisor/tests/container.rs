@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -253,7 +253,8 @@ fn exit_status_and_signals_propagate() {
             .unwrap()
     };
     let stop = |child: std::process::Child| {
-        std::thread::sleep(Duration::from_millis(300));
+        // The control socket comes once the payload runs, long after signals are blocked.
+        wait_for_control("sig", Duration::from_secs(30));
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
             .unwrap();
         let t = Instant::now();
@@ -304,7 +305,7 @@ fn sigkill_of_the_supervisor_takes_the_payload_with_it() {
     let mut sup =
         Command::new(SUPERVISOR).args(["run", "--definition"]).arg(&path).stderr(Stdio::null()).spawn().unwrap();
     let sup_pid = sup.id();
-    let payload = (0..100)
+    let payload = (0..1000)
         .find_map(|_| {
             std::thread::sleep(Duration::from_millis(20));
             let kids = fs::read_to_string(format!("/proc/{sup_pid}/task/{sup_pid}/children")).unwrap_or_default();
@@ -337,15 +338,24 @@ fn concurrent_containers_get_distinct_id_ranges() {
     let spawn = |name: &str| {
         Command::new(SUPERVISOR)
             .args(["run", "--definition"])
-            .arg(definition(dir.path(), name, "[Container]\nExec=/bin/sh -c 'cat /proc/self/uid_map; sleep 1'\n"))
+            .arg(definition(dir.path(), name, "[Container]\nExec=/bin/sh -c 'cat /proc/self/uid_map; sleep 60'\n"))
             .stdout(Stdio::piped())
             .spawn()
             .unwrap()
     };
-    let (a, b) = (spawn(&first), spawn(&second));
-    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    let base = |o: &Output| String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1).unwrap().to_owned();
-    assert_ne!(base(&a), base(&b));
+    // Both run at once: each has printed its map while the other still runs.
+    let (mut a, mut b) = (spawn(&first), spawn(&second));
+    let base = |child: &mut std::process::Child| {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        line.split_whitespace().nth(1).unwrap_or_else(|| panic!("no uid_map: {line:?}")).to_owned()
+    };
+    let (base_a, base_b) = (base(&mut a), base(&mut b));
+    for mut child in [a, b] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert_ne!(base_a, base_b);
 }
 
 #[test]
@@ -354,10 +364,11 @@ fn a_name_runs_once_at_a_time() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let def = definition(dir.path(), &format!("once{}", std::process::id()), "[Container]\nExec=sleep 2\n");
+    let name = format!("once{}", std::process::id());
+    let def = definition(dir.path(), &name, "[Container]\nExec=sleep 60\n");
     let mut first =
         Command::new(SUPERVISOR).args(["run", "--definition"]).arg(&def).stderr(Stdio::null()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_control(&name, Duration::from_secs(30));
     let second = Command::new(SUPERVISOR).args(["run", "--definition"]).arg(&def).output().unwrap();
     assert_eq!(second.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&second.stderr).contains("is already running"));

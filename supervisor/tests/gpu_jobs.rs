@@ -47,6 +47,65 @@ fn finish(child: Child, limit: Duration) -> Run {
     waiter.join().unwrap().into()
 }
 
+/// A started supervisor whose log is read as it comes, so that a test can wait for what it
+/// says rather than sleep and hope (the tests run two at a time on a loaded CI machine).
+/// Killed if the test ends first, as `Running`.
+struct Watched {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Watched {
+    fn start(gpu: &NvidiaStandIn, def: &Path) -> Watched {
+        use std::io::BufRead;
+        let mut child = start(gpu, def);
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let log = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                all.push_str(&line);
+                all.push('\n');
+                let _ = tx.send(line);
+            }
+            all
+        });
+        Watched { child: Some(child), lines, log: Some(log) }
+    }
+
+    /// Whether the log says `text` within `limit` (lines before it are passed over).
+    fn says(&self, text: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while let Ok(line) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if line.contains(text) {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// As `finish`, with the whole log.
+    fn finish(mut self, limit: Duration) -> Run {
+        let mut run = finish(self.child.take().unwrap(), limit);
+        run.err = self.log.take().unwrap().join().unwrap();
+        run
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// The payload's view: which stand-in GPUs it has, and when it ran (host clock, ns).
 const JOB: &str = "Exec=/bin/sh -c 's=$(date +%%s%%N); sleep 0.2; echo gpus=$(ls /dev | grep -E \"^nvidia[0-9]+$\" | tr \"\\n\" \" \") s=$s e=$(date +%%s%%N)'\n";
 
@@ -124,10 +183,10 @@ fn waiting_timeouts_order_and_killed_holders() {
 
     // A waiting start stops on SIGTERM (systemctl stop of an "activating" unit), at once.
     let waiter = definition(d, &format!("waiter{tag}"), "[Container]\nExec=/bin/true\n[GPU]\nCount=1\n");
-    let waiter = start(&gpu, &waiter);
-    std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(waiter.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let r = finish(waiter, Duration::from_secs(5));
+    let waiter = Watched::start(&gpu, &waiter);
+    assert!(waiter.says("waiting for 1 GPU", Duration::from_secs(30)), "the waiter never waited");
+    nix::sys::signal::kill(waiter.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let r = waiter.finish(Duration::from_secs(5));
     assert_eq!(r.code, 143, "{}", r.err);
     assert!(r.err.contains("stopped by signal 15 while waiting for GPUs"), "{}", r.err);
 
@@ -140,14 +199,14 @@ fn waiting_timeouts_order_and_killed_holders() {
     // Two patient ones, started in this order, wait; then run in that order.
     let first = definition(d, &format!("first{tag}"), &format!("[Container]\n{JOB}[GPU]\nCount=1\n"));
     let second = definition(d, &format!("second{tag}"), &format!("[Container]\n{JOB}[GPU]\nCount=1\n"));
-    let first_child = start(&gpu, &first);
-    std::thread::sleep(Duration::from_millis(300));
-    let second_child = start(&gpu, &second);
-    std::thread::sleep(Duration::from_millis(300));
+    let first_child = Watched::start(&gpu, &first);
+    assert!(first_child.says("waiting for 1 GPU", Duration::from_secs(30)), "the first never waited");
+    let second_child = Watched::start(&gpu, &second);
+    assert!(second_child.says("waiting for 1 GPU", Duration::from_secs(30)), "the second never waited");
     // The holder is SIGKILLed: its lock goes with it.
     holder_child.0.kill().unwrap();
     holder_child.0.wait().unwrap();
-    let (a, b) = (finish(first_child, Duration::from_secs(30)), finish(second_child, Duration::from_secs(30)));
+    let (a, b) = (first_child.finish(Duration::from_secs(30)), second_child.finish(Duration::from_secs(30)));
     assert_eq!((a.code, b.code), (0, 0), "{}{}", a.err, b.err);
     assert!(a.err.contains("waiting for 1 GPU"), "{}", a.err);
     let ((_, a_start, a_end), (_, b_start, _)) = (parse_job(&a.out), parse_job(&b.out));
@@ -234,28 +293,24 @@ fn xid_errors_of_its_gpus_reach_the_jobs_log() {
     let gpu = NvidiaStandIn::with_gpus(1);
     let name = format!("xid{}", std::process::id());
     let def = definition(gpu.dir.path(), &name, "[Container]\nExec=sleep 60\nInit=yes\n[GPU]\nCount=1\n");
-    let mut child = Running(start(&gpu, &def));
+    let child = Watched::start(&gpu, &def);
     wait_for_control(&name, Duration::from_secs(30));
-    // The watch thread opens /dev/kmsg a moment after the start (watch.rs): wait until it has.
-    let fds = format!("/proc/{}/fd", child.0.id());
-    let t = Instant::now();
-    while !std::fs::read_dir(&fds)
-        .unwrap()
-        .flatten()
-        .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == Path::new("/dev/kmsg")))
-    {
-        assert!(t.elapsed() < Duration::from_secs(20), "the supervisor never opened /dev/kmsg");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The watch thread opens /dev/kmsg a moment after the start and reads only what comes
+    // after (watch.rs): the records are written again until one is seen.
     let own =
         format!("NVRM: Xid (PCI:0000:{:02x}:00): 79, pid=4242, name=python3, GPU has fallen off the bus.\n", gpu.minor);
     let other = "NVRM: Xid (PCI:0000:fe:00): 13, Graphics Exception on another GPU\n";
-    std::fs::write("/dev/kmsg", other).unwrap();
-    std::fs::write("/dev/kmsg", &own).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
-    let out = std::mem::replace(&mut child.0, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let t = Instant::now();
+    loop {
+        std::fs::write("/dev/kmsg", other).unwrap();
+        std::fs::write("/dev/kmsg", &own).unwrap();
+        if child.says("NVIDIA Xid on nvidia:0", Duration::from_millis(500)) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no Xid in the job's log");
+    }
+    let _ = nix::sys::signal::kill(child.pid(), nix::sys::signal::Signal::SIGTERM);
+    let err = child.finish(Duration::from_secs(20)).err;
     assert!(err.contains("NVIDIA Xid on nvidia:0") && err.contains("79, pid=4242"), "{err}");
     assert!(!err.contains("Graphics Exception on another GPU"), "{err}");
 }

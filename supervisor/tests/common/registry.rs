@@ -24,30 +24,39 @@ impl Registry {
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
-        let config = dir.path().join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(registry)
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+        // A free port is picked, let go and then bound by the registry: another test may take
+        // it in between, and then the registry exits and another port is tried.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+            let config = dir.path().join("registry.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                    dir.path().join("data").display()
+                ),
+            )
             .unwrap();
-        let r = Registry { child, port, _dir: dir };
-        let up = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(up.elapsed().as_secs() < 20, "the registry did not start");
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            let mut child = Command::new(&registry)
+                .arg("serve")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let up = std::time::Instant::now();
+            while child.try_wait().unwrap().is_none() {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Some(Registry { child, port, _dir: dir });
+                }
+                if up.elapsed().as_secs() >= 20 {
+                    let _ = child.kill();
+                    panic!("the registry did not start");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
         }
-        Some(r)
+        panic!("the registry exited at once five times")
     }
 
     /// Pushes `oci:LAYOUT:TAG` as `127.0.0.1:PORT/REPOSITORY:TAG` and returns that reference.
