@@ -1,6 +1,7 @@
 //! `gpuboxctl image pull|import|list|remove|prune`: the image store (gpubox_images) for people,
 //! with progress on a terminal and `--json` for scripts.
 
+use crate::pull_progress::{human, PullProgress};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use gpubox_images::{ImageRef, Progress, Store};
@@ -117,27 +118,31 @@ fn fetch(store: &Store, image: &ImageRef, json: bool) -> Result<ExitCode> {
     let terminal = std::io::stderr().is_terminal() && !json;
     let started = std::time::Instant::now();
     let mut layers = 0;
+    let mut summary = PullProgress::default();
     let mut progress = |p: Progress| {
+        if terminal {
+            // One line, rewritten, as podman pull does; it sums up the layers that come at once.
+            summary.update(&p);
+            eprint!("\r\x1b[K{image}: {}", summary.line());
+            let _ = std::io::stderr().flush();
+            return;
+        }
         let line = match p {
             Progress::Resolved { layers: n } => {
                 layers = n;
                 return;
             }
             Progress::Have { index, .. } => format!("layer {index}/{layers}: in the store already"),
-            Progress::Fetching { index, done, total } => match total {
-                Some(t) if t > 0 => {
-                    format!("layer {index}/{layers}: {} of {} ({}%)", human(done), human(t), done * 100 / t)
-                }
-                _ => format!("layer {index}/{layers}: {}", human(done)),
+            // The start of a layer's download, not each step of it: a log is no progress bar.
+            Progress::Fetching { index, done: 0, total } => match total {
+                Some(t) => format!("layer {index}/{layers}: fetching {}", human(t)),
+                None => format!("layer {index}/{layers}: fetching"),
             },
+            Progress::Fetching { .. } => return,
             Progress::Unpacking { index } => format!("layer {index}/{layers}: unpacking"),
             Progress::Unpacked { index, size } => format!("layer {index}/{layers}: unpacked, {}", human(size)),
         };
-        if terminal {
-            // One line, rewritten, as podman pull does.
-            eprint!("\r\x1b[K{image}: {line}");
-            let _ = std::io::stderr().flush();
-        } else if !json && !line.contains('%') {
+        if !json {
             eprintln!("{image}: {line}");
         }
     };
@@ -174,20 +179,4 @@ fn list(store: &Store, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Bytes for people, 1024-based as systemd's sizes.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }

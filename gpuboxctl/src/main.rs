@@ -5,6 +5,7 @@
 mod complete;
 mod exec;
 mod image;
+mod pull_progress;
 mod run;
 mod usage;
 mod validate;

@@ -56,7 +56,7 @@ fn import_pull_list_remove_prune() {
     assert_eq!(code, 0, "{err}");
     let name = format!("oci:{}:v1", layout.display());
     assert!(out.starts_with(&name), "{out}");
-    assert!(err.contains("layer 2/2: unpacked"), "progress: {err}");
+    assert!(err.contains("layer 2/2: fetching ") && err.contains("layer 2/2: unpacked"), "progress: {err}");
     let (code, _, err) = image(&store, &["pull", &format!("oci:{}:v2", other.display())]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("layer 1/1: in the store already"), "the shared layer is not fetched again: {err}");

@@ -12,6 +12,7 @@ use crate::local::{for_this_machine, is_index};
 use crate::store::{ImageRecord, Store};
 use crate::{Error, ImageDefaults, ImageRef, Progress};
 use base64::Engine as _;
+use futures_util::TryStreamExt;
 use gpubox_definition::image_ref::Registry;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest;
@@ -120,35 +121,105 @@ async fn pull_async(
     store.put_blob(&manifest_digest, &manifest_bytes)?;
     store.put_blob(&config_digest, &config_bytes)?;
     progress(Progress::Resolved { layers: defaults.diff_ids.len() });
+    let mut missing = Vec::new();
     for (i, (layer, diff_id)) in manifest.layers().iter().zip(&defaults.diff_ids).enumerate() {
         if store.has_layer(diff_id) {
             progress(Progress::Have { index: i + 1, diff_id: diff_id.clone() });
-            continue;
+        } else {
+            missing.push(Layer {
+                index: i + 1,
+                blob: Digest::parse(layer.digest().as_ref())?,
+                size: layer.size(),
+                diff_id,
+            });
         }
-        if let Some(token) = renewing.as_mut().filter(|t| t.due()) {
-            let auth = token.exchange().await.map_err(token_failed)?;
-            client
-                .auth(&reference, &auth, RegistryOperation::Pull)
+    }
+    let fetch = Fetch {
+        store,
+        image,
+        client: &client,
+        reference: &reference,
+        renewing: tokio::sync::Mutex::new(renewing),
+        progress: std::cell::RefCell::new(progress),
+    };
+    futures_util::stream::iter(missing.into_iter().map(Ok))
+        .try_for_each_concurrent(CONCURRENT_DOWNLOADS, |layer| fetch.layer(layer))
+        .await?;
+    store.name_image(image.name(), Some(manifest_digest), config_digest, defaults.diff_ids, None)
+}
+
+/// Layers downloaded at once, as Docker does by default (`max-concurrent-downloads`). Each is
+/// unpacked as soon as it is in, on a thread of its own, while the others download.
+const CONCURRENT_DOWNLOADS: usize = 3;
+
+/// A layer the store does not have yet.
+struct Layer<'a> {
+    /// Its place in the image, from 1.
+    index: usize,
+    blob: Digest,
+    size: u64,
+    diff_id: &'a Digest,
+}
+
+/// What every layer's download shares.
+struct Fetch<'a, 'p> {
+    store: &'a Store,
+    image: &'a ImageRef,
+    client: &'a Client,
+    reference: &'a Reference,
+    /// The identity token, renewed by the first download that finds it due.
+    renewing: tokio::sync::Mutex<Option<IdentityToken>>,
+    /// Called by one download at a time: they take turns on the runtime's one thread.
+    progress: std::cell::RefCell<&'p mut dyn FnMut(Progress)>,
+}
+
+impl Fetch<'_, '_> {
+    fn report(&self, p: Progress) {
+        (self.progress.borrow_mut())(p)
+    }
+
+    /// Downloads layer `l` into the store's scratch space, then unpacks it into the store off
+    /// the runtime's thread, so that other downloads go on meanwhile.
+    async fn layer(&self, l: Layer<'_>) -> Result<(), Error> {
+        let failed = |what: String, e: &dyn std::fmt::Display| Error::Registry {
+            image: self.image.name(),
+            message: format!("{what}: {e}"),
+        };
+        if let Some(token) = self.renewing.lock().await.as_mut().filter(|t| t.due()) {
+            let auth = token
+                .exchange()
                 .await
-                .map_err(|e| failed("renewing the token", &e))?;
+                .map_err(|e| failed(format!("exchanging the identitytoken of {}", auth_file().display()), &e))?;
+            self.client
+                .auth(self.reference, &auth, RegistryOperation::Pull)
+                .await
+                .map_err(|e| failed("renewing the token".into(), &e))?;
         }
-        let digest = Digest::parse(layer.digest().as_ref())?;
-        let scratch = store.scratch("download")?;
+        let scratch = self.store.scratch("download")?;
         let path = scratch.0.join("blob");
         let file = tokio::fs::File::create(&path).await.map_err(|e| Error::io(&path, e))?;
-        let counted = CountingWriter::new(file, i + 1, Some(layer.size()), progress);
-        client
-            .pull_blob(&reference, digest.as_str(), counted)
+        let report = |p| self.report(p);
+        let counted = CountingWriter::new(file, l.index, Some(l.size), &report);
+        self.client
+            .pull_blob(self.reference, l.blob.as_str(), counted)
             .await
-            .map_err(|e| failed(&format!("getting layer {}", i + 1), &e))?;
-        progress(Progress::Unpacking { index: i + 1 });
-        let downloaded = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let size = store
-            .add_layer(diff_id, Some(&digest), downloaded)
-            .map_err(|e| Error::image(image, format!("layer {}: {e}", i + 1)))?;
-        progress(Progress::Unpacked { index: i + 1, size });
+            .map_err(|e| failed(format!("getting layer {}", l.index), &e))?;
+        self.report(Progress::Unpacking { index: l.index });
+        let (store, diff_id, blob) = (self.store.clone(), l.diff_id.clone(), l.blob.clone());
+        // The scratch goes with the closure, once the unpacking is over, whatever became of
+        // this future.
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let downloaded = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let size = store.add_layer(&diff_id, Some(&blob), downloaded);
+            drop(scratch);
+            size
+        })
+        .await
+        .map_err(|e| failed(format!("unpacking layer {}", l.index), &e))?;
+        let size = unpacked.map_err(|e| Error::image(self.image, format!("layer {}: {e}", l.index)))?;
+        self.report(Progress::Unpacked { index: l.index, size });
+        Ok(())
     }
-    store.name_image(image.name(), Some(manifest_digest), config_digest, defaults.diff_ids, None)
 }
 
 /// Reports what was written through it as `Fetching`, at its start and every 8 MiB: a layer's
@@ -159,13 +230,13 @@ struct CountingWriter<'a, W> {
     done: u64,
     total: Option<u64>,
     reported: u64,
-    progress: &'a mut dyn FnMut(Progress),
+    report: &'a dyn Fn(Progress),
 }
 
 impl<'a, W> CountingWriter<'a, W> {
-    fn new(inner: W, index: usize, total: Option<u64>, progress: &'a mut dyn FnMut(Progress)) -> Self {
-        progress(Progress::Fetching { index, done: 0, total });
-        CountingWriter { inner, index, done: 0, total, reported: 0, progress }
+    fn new(inner: W, index: usize, total: Option<u64>, report: &'a dyn Fn(Progress)) -> Self {
+        report(Progress::Fetching { index, done: 0, total });
+        CountingWriter { inner, index, done: 0, total, reported: 0, report }
     }
 }
 
@@ -181,7 +252,7 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingWriter<
             this.done += n as u64;
             if this.done - this.reported >= 8 << 20 || Some(this.done) == this.total {
                 this.reported = this.done;
-                (this.progress)(Progress::Fetching { index: this.index, done: this.done, total: this.total });
+                (this.report)(Progress::Fetching { index: this.index, done: this.done, total: this.total });
             }
         }
         written
@@ -453,6 +524,117 @@ mod tests {
             posted
         });
         (host, served)
+    }
+
+    /// The blobs asked of the fake registry, in order, and a signal of each new one.
+    type Asked = std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>;
+
+    /// A registry on the loopback address with one image, `job:v1`, of `layers` (plain tars):
+    /// every request on a connection of its own, answered and closed. The first layer's blob is
+    /// held back until every other layer's is asked for, or 10 s have passed.
+    fn registry_holding_back_its_first_layer(layers: &[Vec<u8>]) -> (String, Asked) {
+        use std::io::{BufRead, BufReader, Write};
+        let diff_ids: Vec<String> = layers.iter().map(|l| Digest::of(l).as_str().to_owned()).collect();
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        })
+        .to_string();
+        let descriptor = |media: &str, bytes: &[u8]| serde_json::json!({"mediaType": media, "digest": Digest::of(bytes).as_str(), "size": bytes.len()});
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": manifest::OCI_IMAGE_MEDIA_TYPE,
+            "config": descriptor("application/vnd.oci.image.config.v1+json", config.as_bytes()),
+            "layers": layers.iter().map(|l| descriptor("application/vnd.oci.image.layer.v1.tar", l)).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let mut blobs: std::collections::HashMap<String, Vec<u8>> =
+            layers.iter().map(|l| (Digest::of(l).as_str().to_owned(), l.clone())).collect();
+        blobs.insert(Digest::of(config.as_bytes()).as_str().to_owned(), config.into_bytes());
+        let first = Digest::of(&layers[0]).as_str().to_owned();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let asked: Asked = Default::default();
+        let (blobs, asked_too) = (std::sync::Arc::new(blobs), asked.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (blobs, asked, manifest, first) =
+                    (blobs.clone(), asked_too.clone(), manifest.clone(), first.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut request = String::new();
+                    while reader.read_line(&mut request).unwrap_or(0) > 2 && !request.ends_with("\r\n\r\n") {}
+                    let path = request.split_whitespace().nth(1).unwrap_or_default().to_owned();
+                    let (kind, body) = if path == "/v2/job/manifests/v1" {
+                        (manifest::OCI_IMAGE_MEDIA_TYPE, manifest.into_bytes())
+                    } else if let Some(digest) = path.strip_prefix("/v2/job/blobs/") {
+                        let (paths, changed) = &*asked;
+                        let mut paths = paths.lock().unwrap();
+                        paths.push(digest.to_owned());
+                        changed.notify_all();
+                        if digest == first {
+                            let others = |p: &mut Vec<String>| {
+                                let others: std::collections::HashSet<&String> =
+                                    p.iter().filter(|d| **d != first && layers_blob(d, &blobs)).collect();
+                                others.len() + 2 == blobs.len()
+                            };
+                            let _ = changed.wait_timeout_while(paths, Duration::from_secs(10), |p| !others(p));
+                        }
+                        ("application/octet-stream", blobs.get(digest).cloned().unwrap_or_default())
+                    } else {
+                        ("application/json", b"{}".to_vec())
+                    };
+                    let mut stream = stream;
+                    let digest = Digest::of(&body);
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nDocker-Content-Digest: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        digest.as_str(),
+                        body.len()
+                    );
+                    let _ = stream.write_all(&body);
+                });
+            }
+        });
+        (host, asked)
+    }
+
+    /// Whether `digest` is one of the layers (not the config) the fake registry serves.
+    fn layers_blob(digest: &str, blobs: &std::collections::HashMap<String, Vec<u8>>) -> bool {
+        blobs.get(digest).is_some_and(|b| !b.starts_with(b"{"))
+    }
+
+    #[test]
+    fn layers_download_three_at_once() {
+        // The store must be root's.
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        use crate::unpack::tests::tar_of;
+        let layers: Vec<Vec<u8>> =
+            (0..3).map(|i| tar_of(&[(&format!("file{i}"), tar::EntryType::Regular, b"data", None)])).collect();
+        let (host, asked) = registry_holding_back_its_first_layer(&layers);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let image: ImageRef = format!("{host}/job:v1").parse().unwrap();
+        let ImageRef::Registry(r) = &image else { unreachable!() };
+        let mut events = Vec::new();
+        let t = Instant::now();
+        let record = pull(&store, &image, r, &mut |p| events.push(p)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(8), "the first layer was let go only after 10 s: {events:?}");
+        let asked = asked.0.lock().unwrap().clone();
+        let first = Digest::of(&layers[0]);
+        assert_eq!(asked.iter().filter(|d| **d == first.as_str()).count(), 1, "{asked:?}");
+        assert_eq!(record.layers, layers.iter().map(|l| Digest::of(l)).collect::<Vec<_>>());
+        assert!(record.layers.iter().all(|l| store.has_layer(l)));
+        // All three downloads began before any layer was in.
+        let position = |f: &dyn Fn(&Progress) -> bool| events.iter().position(f).unwrap();
+        let last_start =
+            (1..=3).map(|i| position(&|e| matches!(e, Progress::Fetching { index, done: 0, .. } if *index == i))).max();
+        assert!(last_start < Some(position(&|e| matches!(e, Progress::Unpacked { .. }))), "{events:?}");
+        assert_eq!(events.iter().filter(|e| matches!(e, Progress::Unpacked { .. })).count(), 3, "{events:?}");
+        let tmp = dir.path().join("store/tmp");
+        assert!(tmp.read_dir().unwrap().next().is_none(), "scratch left in tmp/");
     }
 
     #[test]
