@@ -120,6 +120,14 @@ fn fetch(store: &Store, image: &ImageRef, json: bool) -> Result<ExitCode> {
     let mut layers = 0;
     let mut summary = PullProgress::default();
     let mut progress = |p: Progress| {
+        if let Progress::Resuming { index, done, error } = &p {
+            // Said on a line of its own, above the progress line.
+            let above = if terminal { "\r\x1b[K" } else { "" };
+            eprintln!(
+                "{above}{image}: layer {index}: the download broke off after {} ({error}); resuming",
+                human(*done)
+            );
+        }
         if terminal {
             // One line, rewritten, as podman pull does; it sums up the layers that come at once.
             summary.update(&p);
@@ -138,7 +146,7 @@ fn fetch(store: &Store, image: &ImageRef, json: bool) -> Result<ExitCode> {
                 Some(t) => format!("layer {index}/{layers}: fetching {}", human(t)),
                 None => format!("layer {index}/{layers}: fetching"),
             },
-            Progress::Fetching { .. } => return,
+            Progress::Fetching { .. } | Progress::Resuming { .. } => return,
             Progress::Unpacking { index } => format!("layer {index}/{layers}: unpacking"),
             Progress::Unpacked { index, size } => format!("layer {index}/{layers}: unpacked, {}", human(size)),
         };

@@ -30,6 +30,7 @@ impl PullProgress {
             Progress::Resolved { layers } => self.layers = vec![Layer::Waiting; layers],
             Progress::Have { index, .. } | Progress::Unpacked { index, .. } => set(index, Layer::Done),
             Progress::Fetching { index, done, total } => set(index, Layer::Fetching { done, total }),
+            Progress::Resuming { .. } => {}
             Progress::Unpacking { index } => set(index, Layer::Unpacking),
         }
     }

@@ -36,6 +36,9 @@ pub enum Progress {
     /// Layer `index` is being fetched (from a registry: downloaded; from a file: read and
     /// unpacked): `done` of `total` bytes (compressed).
     Fetching { index: usize, done: u64, total: Option<u64> },
+    /// Layer `index`'s download broke off after `done` bytes (`error` says how), and is
+    /// resumed from there after a pause.
+    Resuming { index: usize, done: u64, error: String },
     /// Layer `index` is downloaded, and being unpacked.
     Unpacking { index: usize },
     /// Layer `index` is unpacked: `size` bytes of files.

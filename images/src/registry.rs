@@ -199,11 +199,22 @@ impl Fetch<'_, '_> {
         let path = scratch.0.join("blob");
         let file = tokio::fs::File::create(&path).await.map_err(|e| Error::io(&path, e))?;
         let report = |p| self.report(p);
-        let counted = CountingWriter::new(file, l.index, Some(l.size), &report);
-        self.client
-            .pull_blob(self.reference, l.blob.as_str(), counted)
-            .await
-            .map_err(|e| failed(format!("getting layer {}", l.index), &e))?;
+        let mut out = CountingWriter::new(file, l.index, Some(l.size), &report);
+        let mut tries = 1;
+        loop {
+            match self.download(&l, &mut out).await {
+                Ok(()) => break,
+                Err(Attempt::BrokeOff(error)) if tries < DOWNLOAD_TRIES => {
+                    self.report(Progress::Resuming { index: l.index, done: out.done, error });
+                    tokio::time::sleep(Duration::from_secs(tries.into())).await;
+                    tries += 1;
+                }
+                Err(Attempt::BrokeOff(e) | Attempt::Failed(e)) => {
+                    return Err(failed(format!("getting layer {}", l.index), &e))
+                }
+            }
+        }
+        tokio::io::AsyncWriteExt::flush(&mut out.inner).await.map_err(|e| Error::io(&path, e))?;
         self.report(Progress::Unpacking { index: l.index });
         let (store, diff_id, blob) = (self.store.clone(), l.diff_id.clone(), l.blob.clone());
         // The scratch goes with the closure, once the unpacking is over, whatever became of
@@ -222,10 +233,75 @@ impl Fetch<'_, '_> {
     }
 }
 
+/// A layer's download is tried this many times in all; each try after the first resumes where
+/// the last one broke off (an HTTP range request), as Docker's does.
+const DOWNLOAD_TRIES: u32 = 5;
+
+/// How one try at a download ended, if not with the whole blob.
+enum Attempt {
+    /// The connection or the registry failed on the way: worth another try.
+    BrokeOff(String),
+    /// The registry refused, or the bytes are wrong, or they cannot be written: final.
+    Failed(String),
+}
+
+impl Attempt {
+    /// A client error: a request that never got an answer, or a server's 5xx, is worth
+    /// another try; a refusal (401, 404) is not.
+    fn of_request(e: oci_client::errors::OciDistributionError) -> Attempt {
+        use oci_client::errors::OciDistributionError as E;
+        match e {
+            E::RequestError(_) | E::IoError(_) => Attempt::BrokeOff(e.to_string()),
+            E::ServerError { code, .. } if code >= 500 => Attempt::BrokeOff(e.to_string()),
+            _ => Attempt::Failed(e.to_string()),
+        }
+    }
+}
+
+impl Fetch<'_, '_> {
+    /// One try at layer `l`'s blob: from its start into an empty `out`, else from where `out`
+    /// stopped. A registry that ignores the range sends the whole blob, and `out` starts over.
+    async fn download(&self, l: &Layer<'_>, out: &mut CountingWriter<'_>) -> Result<(), Attempt> {
+        use futures_util::StreamExt;
+        use oci_client::client::BlobResponse;
+        use tokio::io::AsyncWriteExt;
+        let blob = l.blob.as_str();
+        let mut stream = if out.done == 0 {
+            self.client.pull_blob_stream(self.reference, blob).await.map_err(Attempt::of_request)?
+        } else {
+            match self.client.pull_blob_stream_partial(self.reference, blob, out.done, None).await {
+                Ok(BlobResponse::Partial(stream)) => stream,
+                Ok(BlobResponse::Full(stream)) => {
+                    out.start_over().await.map_err(|e| Attempt::Failed(e.to_string()))?;
+                    stream
+                }
+                Err(e) => return Err(Attempt::of_request(e)),
+            }
+        };
+        while let Some(bytes) = stream.next().await {
+            // The stream's errors are the connection's, or a whole blob whose digest is wrong.
+            let bytes = bytes.map_err(|e| {
+                let digest = e.get_ref().is_some_and(|e| e.is::<oci_client::errors::DigestError>());
+                if digest {
+                    Attempt::Failed(e.to_string())
+                } else {
+                    Attempt::BrokeOff(e.to_string())
+                }
+            })?;
+            out.write_all(&bytes).await.map_err(|e| Attempt::Failed(e.to_string()))?;
+        }
+        if out.done < l.size {
+            return Err(Attempt::BrokeOff(format!("the answer ended after {} bytes", out.done)));
+        }
+        Ok(())
+    }
+}
+
 /// Reports what was written through it as `Fetching`, at its start and every 8 MiB: a layer's
-/// download, as it comes.
-struct CountingWriter<'a, W> {
-    inner: W,
+/// download, as it comes. It refuses to write past the size the layer's descriptor gives, so a
+/// registry cannot fill the disk with a blob that never ends.
+struct CountingWriter<'a> {
+    inner: tokio::fs::File,
     index: usize,
     done: u64,
     total: Option<u64>,
@@ -233,20 +309,34 @@ struct CountingWriter<'a, W> {
     report: &'a dyn Fn(Progress),
 }
 
-impl<'a, W> CountingWriter<'a, W> {
-    fn new(inner: W, index: usize, total: Option<u64>, report: &'a dyn Fn(Progress)) -> Self {
+impl<'a> CountingWriter<'a> {
+    fn new(inner: tokio::fs::File, index: usize, total: Option<u64>, report: &'a dyn Fn(Progress)) -> Self {
         report(Progress::Fetching { index, done: 0, total });
         CountingWriter { inner, index, done: 0, total, reported: 0, report }
     }
+
+    /// Empties the file, for a download that starts again from the beginning.
+    async fn start_over(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncSeekExt;
+        self.inner.set_len(0).await?;
+        self.inner.seek(std::io::SeekFrom::Start(0)).await?;
+        self.done = 0;
+        Ok(())
+    }
 }
 
-impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingWriter<'_, W> {
+impl tokio::io::AsyncWrite for CountingWriter<'_> {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(total) = this.total.filter(|t| this.done + buf.len() as u64 > *t) {
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "the registry sent more than the {total} bytes the manifest gives"
+            ))));
+        }
         let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = written {
             this.done += n as u64;
@@ -526,13 +616,26 @@ mod tests {
         (host, served)
     }
 
-    /// The blobs asked of the fake registry, in order, and a signal of each new one.
+    /// The blobs asked of the fake registry, in order (`DIGEST` or `DIGEST@OFFSET` for a range
+    /// from OFFSET), and a signal of each new one.
     type Asked = std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>;
 
+    /// How the fake registry serves layers' blobs, beyond plainly.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mischief {
+        /// The first layer's blob is held back until every other layer's is asked for, or
+        /// 10 s have passed.
+        HoldFirstLayer,
+        /// Each layer's first answer breaks off half-way (its length promises the whole); a
+        /// range request is answered from its offset (206).
+        BreakEachLayerOnce,
+        /// Each layer comes with a mebibyte more than its descriptor's size.
+        TooLong,
+    }
+
     /// A registry on the loopback address with one image, `job:v1`, of `layers` (plain tars):
-    /// every request on a connection of its own, answered and closed. The first layer's blob is
-    /// held back until every other layer's is asked for, or 10 s have passed.
-    fn registry_holding_back_its_first_layer(layers: &[Vec<u8>]) -> (String, Asked) {
+    /// every request on a connection of its own, answered and closed.
+    fn fake_registry(layers: &[Vec<u8>], mischief: Mischief) -> (String, Asked) {
         use std::io::{BufRead, BufReader, Write};
         let diff_ids: Vec<String> = layers.iter().map(|l| Digest::of(l).as_str().to_owned()).collect();
         let config = serde_json::json!({
@@ -565,31 +668,56 @@ mod tests {
                     let mut request = String::new();
                     while reader.read_line(&mut request).unwrap_or(0) > 2 && !request.ends_with("\r\n\r\n") {}
                     let path = request.split_whitespace().nth(1).unwrap_or_default().to_owned();
+                    let range: Option<usize> = request.lines().find_map(|l| {
+                        let l = l.to_ascii_lowercase();
+                        l.strip_prefix("range: bytes=")?.trim().strip_suffix('-')?.parse().ok()
+                    });
+                    let mut stream = stream;
                     let (kind, body) = if path == "/v2/job/manifests/v1" {
                         (manifest::OCI_IMAGE_MEDIA_TYPE, manifest.into_bytes())
                     } else if let Some(digest) = path.strip_prefix("/v2/job/blobs/") {
                         let (paths, changed) = &*asked;
                         let mut paths = paths.lock().unwrap();
-                        paths.push(digest.to_owned());
+                        let layer = layers_blob(digest, &blobs);
+                        let again = paths.iter().any(|p| p.split('@').next() == Some(digest));
+                        paths.push(range.map_or(digest.to_owned(), |r| format!("{digest}@{r}")));
                         changed.notify_all();
-                        if digest == first {
+                        let mut blob = blobs.get(digest).cloned().unwrap_or_default();
+                        if digest == first && mischief == Mischief::HoldFirstLayer {
                             let others = |p: &mut Vec<String>| {
                                 let others: std::collections::HashSet<&String> =
                                     p.iter().filter(|d| **d != first && layers_blob(d, &blobs)).collect();
                                 others.len() + 2 == blobs.len()
                             };
                             let _ = changed.wait_timeout_while(paths, Duration::from_secs(10), |p| !others(p));
+                        } else if layer && mischief == Mischief::TooLong {
+                            blob.extend(std::iter::repeat_n(0, 1 << 20));
+                        } else if layer && mischief == Mischief::BreakEachLayerOnce && !again {
+                            let _ = write!(
+                                stream,
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                                blob.len()
+                            );
+                            let _ = stream.write_all(&blob[..blob.len() / 2]);
+                            return;
+                        } else if let Some(offset) = range.filter(|_| layer) {
+                            let _ = write!(
+                                stream,
+                                "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {offset}-{}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                blob.len() - 1,
+                                blob.len(),
+                                blob.len() - offset
+                            );
+                            let _ = stream.write_all(&blob[offset..]);
+                            return;
                         }
-                        ("application/octet-stream", blobs.get(digest).cloned().unwrap_or_default())
+                        ("application/octet-stream", blob)
                     } else {
                         ("application/json", b"{}".to_vec())
                     };
-                    let mut stream = stream;
-                    let digest = Digest::of(&body);
                     let _ = write!(
                         stream,
-                        "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nDocker-Content-Digest: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        digest.as_str(),
+                        "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                         body.len()
                     );
                     let _ = stream.write_all(&body);
@@ -601,7 +729,47 @@ mod tests {
 
     /// Whether `digest` is one of the layers (not the config) the fake registry serves.
     fn layers_blob(digest: &str, blobs: &std::collections::HashMap<String, Vec<u8>>) -> bool {
-        blobs.get(digest).is_some_and(|b| !b.starts_with(b"{"))
+        blobs.get(digest.split('@').next().unwrap_or(digest)).is_some_and(|b| !b.starts_with(b"{"))
+    }
+
+    /// A pull of `job:v1` from a fake registry into a new store, and what came of it.
+    struct Pulled {
+        result: Result<ImageRecord, Error>,
+        events: Vec<Progress>,
+        /// What was asked of the registry (see [`Asked`]).
+        asked: Vec<String>,
+        layers: Vec<Vec<u8>>,
+        store: Store,
+        dir: tempfile::TempDir,
+    }
+
+    impl Pulled {
+        /// Pulls an image of three layers (100 kB of files each) from a fake registry.
+        fn from_fake(mischief: Mischief) -> Pulled {
+            use crate::unpack::tests::tar_of;
+            let layers: Vec<Vec<u8>> = (0..3)
+                .map(|i| tar_of(&[(&format!("file{i}"), tar::EntryType::Regular, &vec![b'x'; 100_000], None)]))
+                .collect();
+            let (host, asked) = fake_registry(&layers, mischief);
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("store")).unwrap();
+            let image: ImageRef = format!("{host}/job:v1").parse().unwrap();
+            let ImageRef::Registry(r) = &image else { unreachable!() };
+            let mut events = Vec::new();
+            let result = pull(&store, &image, r, &mut |p| events.push(p));
+            let asked = asked.0.lock().unwrap().clone();
+            Pulled { result, events, asked, layers, store, dir }
+        }
+
+        /// How often the blob of `layer` was asked for.
+        fn asks_for(&self, layer: &[u8]) -> Vec<&String> {
+            let digest = Digest::of(layer);
+            self.asked.iter().filter(|a| a.starts_with(digest.as_str())).collect()
+        }
+
+        fn scratch_left(&self) -> bool {
+            self.dir.path().join("store/tmp").read_dir().unwrap().next().is_some()
+        }
     }
 
     #[test]
@@ -610,31 +778,60 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
-        use crate::unpack::tests::tar_of;
-        let layers: Vec<Vec<u8>> =
-            (0..3).map(|i| tar_of(&[(&format!("file{i}"), tar::EntryType::Regular, b"data", None)])).collect();
-        let (host, asked) = registry_holding_back_its_first_layer(&layers);
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("store")).unwrap();
-        let image: ImageRef = format!("{host}/job:v1").parse().unwrap();
-        let ImageRef::Registry(r) = &image else { unreachable!() };
-        let mut events = Vec::new();
         let t = Instant::now();
-        let record = pull(&store, &image, r, &mut |p| events.push(p)).unwrap();
+        let p = Pulled::from_fake(Mischief::HoldFirstLayer);
+        let (record, events) = (p.result.as_ref().unwrap(), &p.events);
         assert!(t.elapsed() < Duration::from_secs(8), "the first layer was let go only after 10 s: {events:?}");
-        let asked = asked.0.lock().unwrap().clone();
-        let first = Digest::of(&layers[0]);
-        assert_eq!(asked.iter().filter(|d| **d == first.as_str()).count(), 1, "{asked:?}");
-        assert_eq!(record.layers, layers.iter().map(|l| Digest::of(l)).collect::<Vec<_>>());
-        assert!(record.layers.iter().all(|l| store.has_layer(l)));
+        assert_eq!(p.asks_for(&p.layers[0]).len(), 1, "{:?}", p.asked);
+        assert_eq!(record.layers, p.layers.iter().map(|l| Digest::of(l)).collect::<Vec<_>>());
+        assert!(record.layers.iter().all(|l| p.store.has_layer(l)));
         // All three downloads began before any layer was in.
         let position = |f: &dyn Fn(&Progress) -> bool| events.iter().position(f).unwrap();
         let last_start =
             (1..=3).map(|i| position(&|e| matches!(e, Progress::Fetching { index, done: 0, .. } if *index == i))).max();
         assert!(last_start < Some(position(&|e| matches!(e, Progress::Unpacked { .. }))), "{events:?}");
         assert_eq!(events.iter().filter(|e| matches!(e, Progress::Unpacked { .. })).count(), 3, "{events:?}");
-        let tmp = dir.path().join("store/tmp");
-        assert!(tmp.read_dir().unwrap().next().is_none(), "scratch left in tmp/");
+        assert!(!p.scratch_left());
+    }
+
+    #[test]
+    fn a_download_that_breaks_off_resumes_where_it_stopped() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let p = Pulled::from_fake(Mischief::BreakEachLayerOnce);
+        let record = p.result.as_ref().unwrap();
+        assert!(record.layers.iter().all(|l| p.store.has_layer(l)), "{:?}", p.events);
+        for (i, layer) in p.layers.iter().enumerate() {
+            // Asked twice: whole, then from where the first answer broke off, which was half.
+            let (digest, half, size) = (Digest::of(layer), layer.len() / 2, layer.len() as u64);
+            assert_eq!(
+                p.asks_for(layer),
+                [&digest.as_str().to_owned(), &format!("{digest}@{half}")],
+                "layer {}",
+                i + 1
+            );
+            let resumed = |e: &Progress| matches!(e, Progress::Resuming { index, done, .. } if *index == i + 1 && *done == half as u64);
+            assert!(p.events.iter().any(resumed), "{:?}", p.events);
+            let whole = Progress::Fetching { index: i + 1, done: size, total: Some(size) };
+            assert!(p.events.contains(&whole), "{:?}", p.events);
+        }
+        assert!(!p.scratch_left());
+    }
+
+    #[test]
+    fn a_blob_longer_than_its_descriptor_is_refused_and_leaves_nothing() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let p = Pulled::from_fake(Mischief::TooLong);
+        let e = p.result.as_ref().unwrap_err().to_string();
+        assert!(e.contains("more than the") && e.contains("bytes the manifest gives"), "{e}");
+        assert!(p.layers.iter().all(|l| !p.store.has_layer(&Digest::of(l))));
+        assert!(p.store.list().unwrap().is_empty(), "an image was recorded");
+        // Not tried again: the registry's bytes are wrong, not its connection.
+        assert!(p.layers.iter().all(|l| p.asks_for(l).len() <= 1), "{:?}", p.asked);
+        assert!(!p.scratch_left());
     }
 
     #[test]

@@ -173,6 +173,9 @@ pub fn fetch(reference: &str) -> Result<()> {
             eprintln!("{image}: layer {index}: fetching{}", total.map(|t| format!(" ({})", mib(t))).unwrap_or_default())
         }
         Progress::Fetching { .. } | Progress::Unpacking { .. } => {}
+        Progress::Resuming { index, done, error } => {
+            eprintln!("{image}: layer {index}: the download broke off after {} ({error}); resuming", mib(done))
+        }
         Progress::Unpacked { index, size } => eprintln!("{image}: layer {index}: unpacked ({})", mib(size)),
     };
     let record = gpubox_images::fetch(&store, &image, &mut progress)?;
