@@ -3,9 +3,10 @@
 //! as Podman reads it), token authentication as the registry asks for it. A registry on the
 //! loopback address is spoken to over plain HTTP, as Docker allows; every other over HTTPS.
 //!
-//! Each layer is downloaded into the store's scratch space, its digest checked, then unpacked;
-//! only when every layer is in does the image get its name, so an interrupted or offline pull
-//! leaves nothing half-written (and the layers it finished are not fetched again).
+//! Each layer is downloaded into the store's scratch space (three at once, a broken-off one
+//! resumed where it stopped), its digest checked, then unpacked; only when every layer is in
+//! does the image get its name, so an interrupted or offline pull leaves nothing half-written
+//! (and the layers it finished are not fetched again).
 
 use crate::digest::Digest;
 use crate::local::{for_this_machine, is_index};
@@ -152,6 +153,10 @@ async fn pull_async(
 /// unpacked as soon as it is in, on a thread of its own, while the others download.
 const CONCURRENT_DOWNLOADS: usize = 3;
 
+/// A layer's download is tried this many times in all; each try after the first resumes where
+/// the last one broke off (an HTTP range request), as Docker's does.
+const DOWNLOAD_TRIES: u32 = 5;
+
 /// A layer the store does not have yet.
 struct Layer<'a> {
     /// Its place in the image, from 1.
@@ -231,34 +236,7 @@ impl Fetch<'_, '_> {
         self.report(Progress::Unpacked { index: l.index, size });
         Ok(())
     }
-}
 
-/// A layer's download is tried this many times in all; each try after the first resumes where
-/// the last one broke off (an HTTP range request), as Docker's does.
-const DOWNLOAD_TRIES: u32 = 5;
-
-/// How one try at a download ended, if not with the whole blob.
-enum Attempt {
-    /// The connection or the registry failed on the way: worth another try.
-    BrokeOff(String),
-    /// The registry refused, or the bytes are wrong, or they cannot be written: final.
-    Failed(String),
-}
-
-impl Attempt {
-    /// A client error: a request that never got an answer, or a server's 5xx, is worth
-    /// another try; a refusal (401, 404) is not.
-    fn of_request(e: oci_client::errors::OciDistributionError) -> Attempt {
-        use oci_client::errors::OciDistributionError as E;
-        match e {
-            E::RequestError(_) | E::IoError(_) => Attempt::BrokeOff(e.to_string()),
-            E::ServerError { code, .. } if code >= 500 => Attempt::BrokeOff(e.to_string()),
-            _ => Attempt::Failed(e.to_string()),
-        }
-    }
-}
-
-impl Fetch<'_, '_> {
     /// One try at layer `l`'s blob: from its start into an empty `out`, else from where `out`
     /// stopped. A registry that ignores the range sends the whole blob, and `out` starts over.
     async fn download(&self, l: &Layer<'_>, out: &mut CountingWriter<'_>) -> Result<(), Attempt> {
@@ -294,6 +272,27 @@ impl Fetch<'_, '_> {
             return Err(Attempt::BrokeOff(format!("the answer ended after {} bytes", out.done)));
         }
         Ok(())
+    }
+}
+
+/// How one try at a download ended, if not with the whole blob.
+enum Attempt {
+    /// The connection or the registry failed on the way: worth another try.
+    BrokeOff(String),
+    /// The registry refused, or the bytes are wrong, or they cannot be written: final.
+    Failed(String),
+}
+
+impl Attempt {
+    /// A client error: a request that never got an answer, or a server's 5xx, is worth
+    /// another try; a refusal (401, 404) is not.
+    fn of_request(e: oci_client::errors::OciDistributionError) -> Attempt {
+        use oci_client::errors::OciDistributionError as E;
+        match e {
+            E::RequestError(_) | E::IoError(_) => Attempt::BrokeOff(e.to_string()),
+            E::ServerError { code, .. } if code >= 500 => Attempt::BrokeOff(e.to_string()),
+            _ => Attempt::Failed(e.to_string()),
+        }
     }
 }
 
