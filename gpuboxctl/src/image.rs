@@ -120,7 +120,7 @@ fn fetch(store: &Store, image: &ImageRef, json: bool) -> Result<ExitCode> {
     let mut layers = 0;
     let mut summary = PullProgress::default();
     let mut progress = |p: Progress| {
-        if let Progress::Resuming { index, done, error } = &p {
+        if let (Progress::Resuming { index, done, error }, false) = (&p, json) {
             // Said on a line of its own, above the progress line.
             let above = if terminal { "\r\x1b[K" } else { "" };
             eprintln!(

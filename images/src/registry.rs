@@ -122,10 +122,13 @@ async fn pull_async(
     store.put_blob(&manifest_digest, &manifest_bytes)?;
     store.put_blob(&config_digest, &config_bytes)?;
     progress(Progress::Resolved { layers: defaults.diff_ids.len() });
-    let mut missing = Vec::new();
+    let (mut missing, mut repeated) = (Vec::new(), Vec::new());
     for (i, (layer, diff_id)) in manifest.layers().iter().zip(&defaults.diff_ids).enumerate() {
         if store.has_layer(diff_id) {
             progress(Progress::Have { index: i + 1, diff_id: diff_id.clone() });
+        } else if missing.iter().any(|m: &Layer| m.diff_id == diff_id) {
+            // The same layer twice in one image (an empty one, often): fetched once.
+            repeated.push((i + 1, diff_id));
         } else {
             missing.push(Layer {
                 index: i + 1,
@@ -141,17 +144,25 @@ async fn pull_async(
         client: &client,
         reference: &reference,
         renewing: tokio::sync::Mutex::new(renewing),
+        downloads: tokio::sync::Semaphore::new(CONCURRENT_DOWNLOADS),
+        unpacks: tokio::sync::Semaphore::new(CONCURRENT_UNPACKS),
         progress: std::cell::RefCell::new(progress),
     };
     futures_util::stream::iter(missing.into_iter().map(Ok))
-        .try_for_each_concurrent(CONCURRENT_DOWNLOADS, |layer| fetch.layer(layer))
+        .try_for_each_concurrent(None, |layer| fetch.layer(layer))
         .await?;
+    for (index, diff_id) in repeated {
+        fetch.report(Progress::Have { index, diff_id: diff_id.clone() });
+    }
     store.name_image(image.name(), Some(manifest_digest), config_digest, defaults.diff_ids, None)
 }
 
 /// Layers downloaded at once, as Docker does by default (`max-concurrent-downloads`). Each is
 /// unpacked as soon as it is in, on a thread of its own, while the others download.
 const CONCURRENT_DOWNLOADS: usize = 3;
+
+/// Layers unpacked at once: more would only contend for the disk.
+const CONCURRENT_UNPACKS: usize = 3;
 
 /// A layer's download is tried this many times in all; each try after the first resumes where
 /// the last one broke off (an HTTP range request), as Docker's does.
@@ -174,6 +185,10 @@ struct Fetch<'a, 'p> {
     reference: &'a Reference,
     /// The identity token, renewed by the first download that finds it due.
     renewing: tokio::sync::Mutex<Option<IdentityToken>>,
+    /// Permits to download ([`CONCURRENT_DOWNLOADS`]), and apart from them to unpack: a layer
+    /// being unpacked leaves its place to the next download.
+    downloads: tokio::sync::Semaphore,
+    unpacks: tokio::sync::Semaphore,
     /// Called by one download at a time: they take turns on the runtime's one thread.
     progress: std::cell::RefCell<&'p mut dyn FnMut(Progress)>,
 }
@@ -190,16 +205,7 @@ impl Fetch<'_, '_> {
             image: self.image.name(),
             message: format!("{what}: {e}"),
         };
-        if let Some(token) = self.renewing.lock().await.as_mut().filter(|t| t.due()) {
-            let auth = token
-                .exchange()
-                .await
-                .map_err(|e| failed(format!("exchanging the identitytoken of {}", auth_file().display()), &e))?;
-            self.client
-                .auth(self.reference, &auth, RegistryOperation::Pull)
-                .await
-                .map_err(|e| failed("renewing the token".into(), &e))?;
-        }
+        let download = self.downloads.acquire().await.map_err(|e| failed("downloading".into(), &e))?;
         let scratch = self.store.scratch("download")?;
         let path = scratch.0.join("blob");
         let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
@@ -209,6 +215,9 @@ impl Fetch<'_, '_> {
         loop {
             match self.download(&l, &mut out).await {
                 Ok(()) => break,
+                // What broke was past the last byte (a chunked answer's end): the digest says
+                // whether the blob is whole.
+                Err(Attempt::BrokeOff(_)) if out.done == l.size => break,
                 Err(Attempt::BrokeOff(error)) if tries < DOWNLOAD_TRIES => {
                     self.report(Progress::Resuming { index: l.index, done: out.done, error });
                     tokio::time::sleep(Duration::from_secs(tries.into())).await;
@@ -219,6 +228,8 @@ impl Fetch<'_, '_> {
                 }
             }
         }
+        drop(download);
+        let _unpack = self.unpacks.acquire().await.map_err(|e| failed("unpacking".into(), &e))?;
         self.report(Progress::Unpacking { index: l.index });
         let (store, diff_id, blob) = (self.store.clone(), l.diff_id.clone(), l.blob.clone());
         // The scratch goes with the closure, once the unpacking is over, whatever became of
@@ -237,16 +248,33 @@ impl Fetch<'_, '_> {
     }
 
     /// One try at layer `l`'s blob: from its start into an empty `out`, else from where `out`
-    /// stopped. A registry that ignores the range sends the whole blob, and `out` starts over.
+    /// stopped. A registry that ignores the range, or answers another one than was asked,
+    /// sends the whole blob, and `out` starts over.
     async fn download(&self, l: &Layer<'_>, out: &mut CountingWriter<'_>) -> Result<(), Attempt> {
         use futures_util::StreamExt;
         use oci_client::client::BlobResponse;
+        // Before every try: a resume after long pauses may outlive the access token.
+        if let Some(token) = self.renewing.lock().await.as_mut().filter(|t| t.due()) {
+            let auth = token.exchange().await.map_err(|e| {
+                Attempt::Failed(format!("exchanging the identitytoken of {}: {e}", auth_file().display()))
+            })?;
+            self.client
+                .auth(self.reference, &auth, RegistryOperation::Pull)
+                .await
+                .map_err(|e| Attempt::Failed(format!("renewing the token: {}", chain(&e))))?;
+        }
         let blob = l.blob.as_str();
+        let whole = || self.client.pull_blob_stream(self.reference, blob);
         let mut stream = if out.done == 0 {
-            self.client.pull_blob_stream(self.reference, blob).await.map_err(Attempt::of_request)?
+            whole().await.map_err(Attempt::of_request)?
         } else {
             match self.client.pull_blob_stream_partial(self.reference, blob, out.done, None).await {
-                Ok(BlobResponse::Partial(stream)) => stream,
+                // Only the rest, as asked (oci-client does not look at Content-Range).
+                Ok(BlobResponse::Partial(stream)) if stream.content_length == Some(l.size - out.done) => stream,
+                Ok(BlobResponse::Partial(_)) => {
+                    out.start_over().map_err(|e| Attempt::Failed(e.to_string()))?;
+                    whole().await.map_err(Attempt::of_request)?
+                }
                 Ok(BlobResponse::Full(stream)) => {
                     out.start_over().map_err(|e| Attempt::Failed(e.to_string()))?;
                     stream
@@ -259,9 +287,9 @@ impl Fetch<'_, '_> {
             let bytes = bytes.map_err(|e| {
                 let digest = e.get_ref().is_some_and(|e| e.is::<oci_client::errors::DigestError>());
                 if digest {
-                    Attempt::Failed(e.to_string())
+                    Attempt::Failed(chain(&e))
                 } else {
-                    Attempt::BrokeOff(e.to_string())
+                    Attempt::BrokeOff(chain(&e))
                 }
             })?;
             out.write(&bytes).map_err(|e| Attempt::Failed(e.to_string()))?;
@@ -287,16 +315,31 @@ impl Attempt {
     fn of_request(e: oci_client::errors::OciDistributionError) -> Attempt {
         use oci_client::errors::OciDistributionError as E;
         match e {
-            E::RequestError(_) | E::IoError(_) => Attempt::BrokeOff(e.to_string()),
-            E::ServerError { code, .. } if code >= 500 => Attempt::BrokeOff(e.to_string()),
-            _ => Attempt::Failed(e.to_string()),
+            E::RequestError(_) | E::IoError(_) => Attempt::BrokeOff(chain(&e)),
+            E::ServerError { code, .. } if code >= 500 => Attempt::BrokeOff(chain(&e)),
+            _ => Attempt::Failed(chain(&e)),
         }
     }
 }
 
+/// An error with its causes: reqwest's own says only "error sending request" or "error
+/// decoding response body", its sources say what happened.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// A layer's download file, which reports what was written to it as `Fetching`, at its start
-/// and every 8 MiB. It refuses to write past the size the layer's descriptor gives, so a
-/// registry cannot fill the disk with a blob that never ends. It writes synchronously: a write
+/// and every 8 MiB. It refuses to write past the size the layer's descriptor gives: a blob that
+/// never ends cannot fill the disk, only as much as the manifest declares. It writes synchronously: a write
 /// to the page cache takes microseconds, and tokio's file would hand each chunk of the
 /// response (a few KiB) to a thread of its blocking pool, which made a pull twice as slow.
 struct CountingWriter<'a> {
@@ -335,7 +378,8 @@ impl<'a> CountingWriter<'a> {
         use std::io::Seek;
         self.file.set_len(0)?;
         self.file.rewind()?;
-        self.done = 0;
+        (self.done, self.reported) = (0, 0);
+        (self.report)(Progress::Fetching { index: self.index, done: 0, total: self.total });
         Ok(())
     }
 }
@@ -606,6 +650,12 @@ mod tests {
         /// Each layer's first answer breaks off half-way (its length promises the whole); a
         /// range request is answered from its offset (206).
         BreakEachLayerOnce,
+        /// As `BreakEachLayerOnce`, but a range request is answered with the whole blob (200),
+        /// as a server that does not do ranges answers.
+        IgnoreRange,
+        /// As `BreakEachLayerOnce`, but a range request is answered with a 206 of the whole
+        /// blob, from its first byte: not the range asked for.
+        WrongRange,
         /// Each layer comes with a mebibyte more than its descriptor's size.
         TooLong,
     }
@@ -669,7 +719,7 @@ mod tests {
                             let _ = changed.wait_timeout_while(paths, Duration::from_secs(10), |p| !others(p));
                         } else if layer && mischief == Mischief::TooLong {
                             blob.extend(std::iter::repeat_n(0, 1 << 20));
-                        } else if layer && mischief == Mischief::BreakEachLayerOnce && !again {
+                        } else if layer && mischief != Mischief::HoldFirstLayer && !again {
                             let _ = write!(
                                 stream,
                                 "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
@@ -677,7 +727,8 @@ mod tests {
                             );
                             let _ = stream.write_all(&blob[..blob.len() / 2]);
                             return;
-                        } else if let Some(offset) = range.filter(|_| layer) {
+                        } else if let Some(asked_from) = range.filter(|_| layer && mischief != Mischief::IgnoreRange) {
+                            let offset = if mischief == Mischief::WrongRange { 0 } else { asked_from };
                             let _ = write!(
                                 stream,
                                 "HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {offset}-{}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -794,6 +845,30 @@ mod tests {
             assert!(p.events.contains(&whole), "{:?}", p.events);
         }
         assert!(!p.scratch_left());
+    }
+
+    #[test]
+    fn a_resume_answered_with_the_whole_blob_or_the_wrong_range_starts_over() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        for (mischief, asks_after) in [(Mischief::IgnoreRange, 2), (Mischief::WrongRange, 3)] {
+            let p = Pulled::from_fake(mischief);
+            let record = p.result.as_ref().unwrap_or_else(|e| panic!("{e}"));
+            assert!(record.layers.iter().all(|l| p.store.has_layer(l)), "{:?}", p.events);
+            for (i, layer) in p.layers.iter().enumerate() {
+                // Whole, broken off; the rest asked for; (the whole again, for a wrong range).
+                let digest = Digest::of(layer);
+                let asks = p.asks_for(layer);
+                assert_eq!(asks.len(), asks_after, "layer {}: {:?}", i + 1, p.asked);
+                assert_eq!(asks[1], &format!("{digest}@{}", layer.len() / 2), "{:?}", p.asked);
+                // The count went back to nothing after the resume, as the file did.
+                let from_nothing =
+                    |e: &Progress| matches!(e, Progress::Fetching { index, done: 0, .. } if *index == i + 1);
+                assert_eq!(p.events.iter().filter(|e| from_nothing(e)).count(), 2, "{:?}", p.events);
+            }
+            assert!(!p.scratch_left());
+        }
     }
 
     #[test]
