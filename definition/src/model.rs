@@ -85,6 +85,9 @@ pub enum Pull {
     Missing,
     /// Fetch it at every start (layers the store has are not fetched again).
     Always,
+    /// Fetch it at every start, as `Always`, but start with the store's copy where the fetch
+    /// fails (Podman's `newer`: a registry that cannot be reached does not stop a boot).
+    Newer,
     /// Never fetch it: a start without it fails.
     Never,
 }
@@ -94,6 +97,7 @@ impl Pull {
         match self {
             Pull::Missing => "missing",
             Pull::Always => "always",
+            Pull::Newer => "newer",
             Pull::Never => "never",
         }
     }
@@ -434,7 +438,12 @@ fn apply(d: &mut Definition, k: &Key) -> Result<(), Error> {
             c.pull = if empty {
                 Pull::Missing
             } else {
-                k.choice(&[("missing", Pull::Missing), ("always", Pull::Always), ("never", Pull::Never)])?
+                k.choice(&[
+                    ("missing", Pull::Missing),
+                    ("always", Pull::Always),
+                    ("newer", Pull::Newer),
+                    ("never", Pull::Never),
+                ])?
             }
         }
         ("Container", "Ephemeral") => c.ephemeral = empty || k.boolean()?,
@@ -831,7 +840,8 @@ mod tests {
         let e = errors_of("[Container]\nImage=Busybox\n");
         assert!(e[0].contains("t.gpubox:2") && e[0].contains("Image") && e[0].contains("lowercase"), "{e:?}");
         let e = errors_of("[Container]\nImage=busybox\nPull=sometimes\n");
-        assert!(e[0].contains("expected one of missing, always, never"), "{e:?}");
+        assert!(e[0].contains("expected one of missing, always, newer, never"), "{e:?}");
+        assert!(errors_of("[Container]\nImage=busybox\nPull=newer\n").is_empty());
         let e = errors_of("[Container]\nExec=/bin/true\nEphemeral=perhaps\n");
         assert!(e[0].contains("boolean"), "{e:?}");
     }

@@ -63,8 +63,8 @@ pub struct RunArgs {
     /// docker-archive:FILE[:NAME:TAG]); without a COMMAND, the image's own runs.
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<String>,
-    /// When to fetch the image (Pull=): missing (the default), always, never.
-    #[arg(long, value_name = "WHEN", value_parser = ["missing", "always", "never"], requires = "image")]
+    /// When to fetch the image (Pull=): missing (the default), always, newer, never.
+    #[arg(long, value_name = "WHEN", value_parser = ["missing", "always", "newer", "never"], requires = "image")]
     pub pull: Option<String>,
     /// The root read-only (ReadOnly=yes).
     #[arg(long)]

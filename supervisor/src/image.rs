@@ -52,7 +52,7 @@ pub fn prepare(d: &mut Definition) -> Result<Option<ImageRoot>> {
     let lock = store.shared()?;
     let mut record = store.lookup(&image.name())?;
     let fetch = match (d.container.pull, &record) {
-        (Pull::Always, _) | (Pull::Missing, None) => true,
+        (Pull::Always | Pull::Newer, _) | (Pull::Missing, None) => true,
         (Pull::Missing, Some(stored)) if gpubox_images::local::changed(stored, &image) => {
             log::info(&format!("{image} changed since it was stored"));
             true
@@ -61,7 +61,18 @@ pub fn prepare(d: &mut Definition) -> Result<Option<ImageRoot>> {
         _ => false,
     };
     if fetch {
-        fetch_in_helper(&store, &image)?;
+        match fetch_in_helper(&store, &image) {
+            // Pull=newer: what the store has is good enough where no newer can be had (but a
+            // stop is a stop).
+            Err(e)
+                if d.container.pull == Pull::Newer
+                    && record.is_some()
+                    && e.downcast_ref::<crate::allocator::Stopped>().is_none() =>
+            {
+                log::warn(&format!("{e:#}; Pull=newer: starting with the image the store has"));
+            }
+            fetched => fetched?,
+        }
         record = store.lookup(&image.name())?;
     }
     let record: ImageRecord = record.with_context(|| format!("{image}: not in the store after it was fetched"))?;

@@ -485,6 +485,43 @@ fn an_image_is_pulled_from_a_real_registry() {
     assert_eq!(r.err.matches("in the store already").count(), 2, "{}", r.err);
 }
 
+/// `Pull=newer`: each start takes a newer image pushed under the tag, and starts with the
+/// store's copy where the registry cannot be reached (where `Pull=always` fails).
+#[test]
+fn pull_newer_takes_a_newer_image_and_starts_without_the_registry() {
+    if !privileged() {
+        return;
+    }
+    let Some(registry) = common::registry::Registry::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let mut layers = oci::two_layers(dir.path());
+    let layout = oci::layout(&dir.path().join("layout"), "v1", &layers, image_config(), true);
+    let reference = registry.push(&layout, "v1", "team/newer");
+    let name = format!("newer{}", std::process::id());
+    let body = format!("Image={reference}\nPull=newer\n");
+    let r = run_image(&store, dir.path(), &name, &body);
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    assert_eq!(value(&r, "motd"), "from the top layer");
+    // A newer image under the same tag: one more layer, and only it is fetched.
+    layers.push(oci::layer_of(&[("etc/motd", b"newer")]));
+    let newer = oci::layout(&dir.path().join("newer"), "v1", &layers, image_config(), true);
+    registry.push(&newer, "v1", "team/newer");
+    let r = run_image(&store, dir.path(), &name, &body);
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    assert_eq!(value(&r, "motd"), "newer");
+    assert_eq!(r.err.matches("in the store already").count(), 2, "{}", r.err);
+    // The registry gone: the store's copy, said so; Pull=always fails.
+    drop(registry);
+    let r = run_image(&store, dir.path(), &name, &body);
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    assert_eq!(value(&r, "motd"), "newer");
+    assert!(r.err.contains("Pull=newer: starting with the image the store has"), "{}", r.err);
+    let r = run_image(&store, dir.path(), &name, &format!("Image={reference}\nPull=always\n"));
+    assert_eq!(r.code, 125, "{}\n{}", r.out, r.err);
+    assert!(r.err.contains("getting the manifest"), "{}", r.err);
+}
+
 /// A pull shows its download as it comes (every 8 MiB), then the unpacking, then the end: what
 /// `gpuboxctl image pull` shows on a terminal, for layers that take minutes.
 #[test]
