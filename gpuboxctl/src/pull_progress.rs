@@ -35,7 +35,7 @@ impl PullProgress {
         }
     }
 
-    /// `3/7 layers; downloading 4, 5, 6: 120.0 MiB of 1.2 GiB (10%); unpacking 2`.
+    /// `3/7 layers; fetching 4, 5, 6: 120.0 MiB of 1.2 GiB (10%); unpacking 2`.
     pub fn line(&self) -> String {
         let done = self.layers.iter().filter(|l| **l == Layer::Done).count();
         let mut line = format!("{done}/{} layers", self.layers.len());
@@ -48,7 +48,7 @@ impl PullProgress {
         if !fetching.is_empty() {
             let got: u64 = fetching.iter().map(|f| f.1).sum();
             let total: Option<u64> = fetching.iter().map(|f| f.2).sum();
-            line += &format!("; downloading {}: {}", indexes(fetching.iter().map(|f| f.0)), human(got));
+            line += &format!("; fetching {}: {}", indexes(fetching.iter().map(|f| f.0)), human(got));
             if let Some(total) = total.filter(|t| *t > 0) {
                 line += &format!(" of {} ({}%)", human(total), got.min(total) * 100 / total);
             }
@@ -101,9 +101,9 @@ mod tests {
         ] {
             p.update(&event);
         }
-        assert_eq!(p.line(), "1/4 layers; downloading 3, 4: 2.0 MiB of 12.0 MiB (16%); unpacking 2");
+        assert_eq!(p.line(), "1/4 layers; fetching 3, 4: 2.0 MiB of 12.0 MiB (16%); unpacking 2");
         p.update(&Progress::Unpacked { index: 2, size: 1 });
         p.update(&Progress::Fetching { index: 3, done: 1 << 20, total: None });
-        assert_eq!(p.line(), "2/4 layers; downloading 3, 4: 3.0 MiB");
+        assert_eq!(p.line(), "2/4 layers; fetching 3, 4: 3.0 MiB");
     }
 }
