@@ -33,3 +33,18 @@ impl Error {
         Error::Image { image: image.to_string(), message: message.into() }
     }
 }
+
+/// An error with its causes, each said once: the tar crate wraps the error that says what
+/// happened, and reqwest's own text says only "error decoding response body".
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}

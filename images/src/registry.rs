@@ -9,6 +9,7 @@
 //! (and the layers it finished are not fetched again).
 
 use crate::digest::Digest;
+use crate::error::chain;
 use crate::local::{for_this_machine, is_index};
 use crate::store::{ImageRecord, Store};
 use crate::{Error, ImageDefaults, ImageRef, Progress};
@@ -320,21 +321,6 @@ impl Attempt {
             _ => Attempt::Failed(chain(&e)),
         }
     }
-}
-
-/// An error with its causes: reqwest's own says only "error sending request" or "error
-/// decoding response body", its sources say what happened.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// A layer's download file, which reports what was written to it as `Fetching`, at its start

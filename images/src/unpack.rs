@@ -12,6 +12,7 @@
 //! attributes in the tar itself are refused, since they would be overlayfs's to read.
 
 use crate::digest::{Digest, Digesting};
+use crate::error::chain;
 use crate::Error;
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
@@ -98,17 +99,6 @@ pub fn unpack_layer(layer: impl Read, dest: &Path) -> Result<Unpacked, Error> {
     }
     let (diff_id, _) = digesting.finish().map_err(|e| Error::Layer(format!("reading the tar: {e}")))?;
     Ok(Unpacked { diff_id, size })
-}
-
-/// An error with its causes: the tar crate wraps the one that says what happened.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text = format!("{text}: {c}");
-        cause = c.source();
-    }
-    text
 }
 
 /// The entry's path relative to the layer; `..` and absolute paths refused (`./` is fine:
